@@ -1,0 +1,23 @@
+"""Fixtures shared by the whole test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models import smollm2_moe
+
+
+@pytest.fixture(scope="session")
+def expertmesh_cache(tmp_path_factory) -> Path:
+    """A model cache for this session only; subprocesses get it through $EXPERTMESH_CACHE."""
+    path = tmp_path_factory.mktemp("expertmesh-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(smollm2_moe.CACHE_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(expertmesh_cache) -> Path:
+    """The embedded default model, converted once per session."""
+    return smollm2_moe.resolve_model(smollm2_moe.MODEL_NAME)
