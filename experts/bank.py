@@ -66,6 +66,8 @@ class ExpertBank:
         Slots routed to experts held elsewhere contribute nothing here.
         """
         w = self.layers[layer]
+        if x.shape[0] == 1:
+            return self._forward_one_token(w, layer, x, expert_ids, weights)
         out = torch.zeros_like(x)
         local = self._local_index[layer].to(expert_ids.device)[expert_ids]    # [T, A]
         flat_local = local.flatten()                                          # [T*A]
@@ -86,4 +88,18 @@ class ExpertBank:
                                            None if w.down_bias is None else w.down_bias[e])        # [n, D]
             y = y * weights.flatten()[slots, None].to(y.dtype)
             out.index_add_(0, tokens, y)
+        return out
+
+    def _forward_one_token(self, w: ExpertWeights, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: run the token's A experts directly; sorting and scattering would cost
+        more than the matmuls save. x [1, D] -> [1, D]."""
+        out = torch.zeros_like(x)
+        local = self._local_index[layer][expert_ids[0].cpu()].tolist()
+        for e, slot in sorted((e, slot) for slot, e in enumerate(local) if e >= 0):   # expert order, as the batched path
+            h = torch.nn.functional.linear(x, w.gate_up[e], None if w.gate_up_bias is None else w.gate_up_bias[e])
+            gate_out, up_out = h.chunk(2, dim=-1)                             # [1, I] each
+            y = torch.nn.functional.linear(self.activation(gate_out, up_out), w.down[e],
+                                           None if w.down_bias is None else w.down_bias[e])        # [1, D]
+            out.add_(y * weights[0, slot].to(y.dtype))
         return out

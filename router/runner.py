@@ -18,8 +18,9 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Run the step; returns logits [S, V] for the sequences that sample, in that order."""
+    def execute(self, batch: list[ScheduledSeq], *, all_logits: bool = False) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """Run the step; returns logits [S, V] for the sequences that sample, in that order
+        (with `all_logits`, logits [T, V] of every token in the step's order instead)."""
         batch = sorted(batch, key=lambda item: item.num_tokens != 1 or not item.samples)  # decodes first
         ctx, input_ids, sample_rows = self._prepare(batch)
         trunk = self.trunk
@@ -33,6 +34,8 @@ class ModelRunner:
                 h = h + self.transport.dispatch(layer.index, x, ids, weights)
             else:
                 h = h + layer.dense_mlp(x)
+        if all_logits:
+            return trunk.logits(h), batch
         logits = trunk.logits(h[sample_rows])                                   # [S, V]
         return logits, [item for item in batch if item.samples]
 

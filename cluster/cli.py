@@ -1,0 +1,176 @@
+"""The `expertmesh` command line.
+
+    expertmesh generate --model PATH_OR_NAME (--prompt TEXT | --chat TEXT | --prompt-token-ids 1,2,3)
+                        --max-tokens N [--temperature T] [--seed S] [--json]
+    expertmesh chat --model PATH_OR_NAME
+    expertmesh convert [--model smollm2-moe] [--output DIR]
+    expertmesh bench engine --model PATH_OR_NAME
+
+The `generate` contract (flags and the --json keys token_ids and text) is
+relied on from outside the project; keep it stable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-token-ids must be comma-separated integers, got {text!r}") from None
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-moe",
+                   help="a Hugging Face checkpoint directory, or 'smollm2-moe' (the embedded default)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: the model's generation_config.json, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description="Serve sparse Mixture-of-Experts models on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
+    _add_engine_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="raw text, tokenized as is")
+    source.add_argument("--chat", help="a user message, rendered with the model's chat format")
+    source.add_argument("--prompt-token-ids", type=_token_ids, help="comma-separated token ids")
+    _add_sampling_args(gen)
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (token_ids, text, finish_reason, usage) instead of streaming")
+
+    chat = sub.add_parser("chat", help="an interactive chat with the model")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="a system message")
+
+    conv = sub.add_parser("convert", help="convert the embedded default model to a Hugging Face checkpoint")
+    conv.add_argument("--model", default="smollm2-moe", choices=["smollm2-moe"])
+    conv.add_argument("--output", type=Path, default=None,
+                      help="checkpoint directory (default: the cache, $EXPERTMESH_CACHE or ~/.cache/expertmesh)")
+
+    bench = sub.add_parser("bench", help="benchmarks against a reference, measured in one run")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    eng = bench_sub.add_parser("engine", help="the engine against transformers' generate on the same checkpoint")
+    eng.add_argument("--model", default="smollm2-moe")
+    eng.add_argument("--dtype", default="auto")
+    eng.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (a smoke run)")
+    return parser
+
+
+def _sampling_params(args, engine):
+    from router.sampling import SamplingParams
+
+    defaults = engine.generation_defaults()
+    pick = lambda value, key, fallback: value if value is not None else defaults.get(key, fallback)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=pick(args.temperature, "temperature", 1.0),
+                          top_p=pick(args.top_p, "top_p", 1.0), top_k=pick(args.top_k, "top_k", 0),
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def _engine(args):
+    from router.engine import Engine, EngineConfig
+
+    return Engine(args.model, EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len))
+
+
+def cmd_generate(args) -> int:
+    engine = _engine(args)
+    if args.prompt_token_ids is not None:
+        prompt = args.prompt_token_ids
+    elif args.chat is not None:
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+    else:
+        prompt = engine.tokenizer.encode(args.prompt)
+    params = _sampling_params(args, engine)
+    engine.add_request(prompt, params, request_id="cli")
+    token_ids, text, finish = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            token_ids += out.token_ids
+            text.append(out.text)
+            finish = out.finish_reason
+            if not args.json:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason": finish,
+                          "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(token_ids)}}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _engine(args)
+    params = _sampling_params(args, engine)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    print(f"expertmesh chat: {engine.model_dir.name} on {engine.device}. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line.strip()})
+        engine.add_request(engine.tokenizer.encode_chat(messages), params)
+        reply = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                reply.append(out.text)
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_convert(args) -> int:
+    from models import smollm2_moe
+
+    path = smollm2_moe.convert(args.output) if args.output else smollm2_moe.resolve_model(args.model)
+    print(path)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from bench import engine as bench_engine
+
+    return bench_engine.main(model=args.model, dtype=args.dtype, quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"expertmesh: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
