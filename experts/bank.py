@@ -17,6 +17,7 @@ import torch
 
 from models.base import ExpertActivation, ExpertWeights, ModelConfig
 from models.checkpoint import CheckpointReader
+from models.layers import cpu_layout
 
 
 class ExpertBank:
@@ -44,7 +45,8 @@ class ExpertBank:
             parts = [family.load_expert(reader, config, layer, e) for e in expert_ids]
             gate_up, down, gate_up_bias, down_bias = zip(*parts)
             stack = lambda ts: None if ts[0] is None else torch.stack(ts).to(device=device, dtype=dtype)
-            layers[layer] = ExpertWeights(expert_ids, stack(gate_up), stack(down), stack(gate_up_bias),
+            matrices = (lambda ts: cpu_layout(stack(ts))) if torch.device(device).type == "cpu" else stack
+            layers[layer] = ExpertWeights(expert_ids, matrices(gate_up), matrices(down), stack(gate_up_bias),
                                           stack(down_bias))
         return cls(config, family.expert_activation(config), layers)
 

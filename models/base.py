@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, CheckpointReader
-from models.layers import AttentionContext, RMSNorm, RotaryEmbedding
+from models.layers import AttentionContext, RMSNorm, RotaryEmbedding, cpu_layout
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ class Trunk(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        self._lm_head_weight: torch.Tensor | None = None   # set by load() for tied embeddings
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -135,7 +136,7 @@ class Trunk(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h)
-        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        weight = self._lm_head_weight if self._lm_head_weight is not None else self.lm_head.weight
         return torch.nn.functional.linear(h, weight).float()                 # [T, V]
 
     def load(self, reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> None:
@@ -144,4 +145,14 @@ class Trunk(nn.Module):
                 tensor = reader.get(name, shape=tuple(param.shape))
                 param.copy_(tensor.to(param.dtype))
         self.to(device=device, dtype=dtype)
+        if device.type == "cpu":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.data = cpu_layout(module.weight.data)
+        # A tied LM head reads the embedding table; on the CPU it gets its own (wide) layout,
+        # since the embedding lookup wants rows contiguous.
+        self._lm_head_weight = None
+        if self.config.tie_word_embeddings:
+            embedding = self.model.embed_tokens.weight.data
+            self._lm_head_weight = cpu_layout(embedding) if device.type == "cpu" else embedding
         self.rotary.inv_freq = self.rotary.inv_freq.float()  # frequencies stay in fp32 whatever the dtype

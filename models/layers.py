@@ -27,6 +27,19 @@ class AttentionContext(Protocol):
         ...
 
 
+def cpu_layout(weight: torch.Tensor) -> torch.Tensor:
+    """The same [..., out, in] matrices, laid out for the CPU's matrix-vector product.
+
+    `F.linear(x, w)` multiplies by `w.T`. For wide matrices (out > in: gate/up projections,
+    the LM head) storing `w.T` contiguous ("column-major") lets MKL read the weight about
+    twice as fast as the row-major layout; for narrow ones (down, k/v projections) row-major
+    is faster. Measured in docs/BENCHMARKS.md. Values and shapes are unchanged; only strides.
+    """
+    if weight.shape[-2] <= weight.shape[-1]:
+        return weight.contiguous()
+    return weight.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -30,9 +30,21 @@ from router.transport import LocalTransport, Transport
 
 log = logging.getLogger(__name__)
 
-# On the CPU, float32 decodes faster than bfloat16 on the machines we measured
-# (no native bf16 matmul); see docs/BENCHMARKS.md. GPUs default to bfloat16.
-CPU_DEFAULT_DTYPE = torch.float32
+def cpu_default_dtype() -> torch.dtype:
+    """bfloat16 on CPUs with native bf16 dot products (AVX512-BF16 or AMX), float32 elsewhere.
+
+    Measured in docs/BENCHMARKS.md: on an AVX512-BF16 machine bf16 doubles batched decode and
+    raises prefill by half, with batch-1 decode equal; without those instructions bf16 is
+    emulated and slower than float32. GPUs always default to bfloat16.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(flags) else torch.float32
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -40,7 +52,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 @dataclass
 class EngineConfig:
     device: str = "auto"                   # "auto": cuda when available, else cpu
-    dtype: str = "auto"                    # "auto": bfloat16 on GPU, CPU_DEFAULT_DTYPE on CPU
+    dtype: str = "auto"                    # "auto": bfloat16 on GPU, cpu_default_dtype() on CPU
     block_size: int = 16
     num_kv_blocks: int | None = None       # overrides kv_cache_memory_gb
     kv_cache_memory_gb: float | None = None  # default: 2 GiB on CPU, 80% of free memory on GPU
@@ -57,7 +69,7 @@ class EngineConfig:
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else CPU_DEFAULT_DTYPE
+            return torch.bfloat16 if device.type == "cuda" else cpu_default_dtype()
         try:
             return DTYPES[self.dtype]
         except KeyError:
