@@ -61,6 +61,13 @@ class EngineConfig:
     max_model_len: int | None = None       # default: the model's max positions, capped by the cache
     enable_prefix_caching: bool = True
     skip_tokenizer_init: bool = False      # token ids in and out only (no text, no stop strings)
+    # expert parallelism (see experts/group.py and router/transport.py)
+    expert_groups: int = 1                 # expert-group actors; 1 with transport "local" runs in-process
+    transport: str = "local"               # "local" | "collective" | "grpc"
+    expert_assignment: str = "contiguous"  # "contiguous" | "balanced" (from measured routing counts)
+    placement_strategy: str = "PACK"       # Ray placement group strategy for the expert groups
+    overlap: bool = False                  # ping-pong two decode micro-batches (attention vs expert round trip)
+    expert_group_timeout_s: float = 60.0   # how long to wait for a dead expert group to restart
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

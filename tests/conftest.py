@@ -21,3 +21,24 @@ def expertmesh_cache(tmp_path_factory) -> Path:
 def smollm2_checkpoint(expertmesh_cache) -> Path:
     """The embedded default model, converted once per session."""
     return smollm2_moe.resolve_model(smollm2_moe.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (expert groups, Serve apps).
+
+    Logical CPUs are oversubscribed on purpose: test actors and replicas are tiny and mostly
+    idle, and CI has 2 cores. Tests that need Ray take this fixture; none calls ray.init itself.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=16, include_dashboard=False, namespace="expertmesh-tests",
+                 configure_logging=False)
+    yield ray
+    try:
+        from ray import serve
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
