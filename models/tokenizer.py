@@ -103,6 +103,15 @@ class _HFBackend:
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
+    def to_json(self) -> str | None:
+        return self.tok.to_str()
+
+    def all_special_ids(self) -> frozenset[int]:
+        return self.special_ids
+
+    def token_bytes(self) -> list[bytes]:
+        raise NotImplementedError("a tokenizer.json vocabulary is read through to_json()")
+
 
 class _QuicktokBackend:
     """An encoding bundled with quicktok; special-token strings in the text encode as their ids."""
@@ -117,6 +126,20 @@ class _QuicktokBackend:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.enc.encode_with_special(text)
+
+    def to_json(self) -> str | None:
+        return None
+
+    def all_special_ids(self) -> frozenset[int]:
+        return frozenset(self.enc.encode_single_token(t) for t in self.enc.special_tokens_set)
+
+    def token_bytes(self) -> list[bytes]:
+        def one(i: int) -> bytes:
+            try:
+                return self.enc.decode_single_token_bytes(i)
+            except (KeyError, ValueError):      # an unused id inside the vocabulary's range
+                return b""
+        return [one(i) for i in range(self.vocab_size)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:
@@ -194,6 +217,20 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of a single token (a special token's text), or None when the vocabulary lacks it."""
         return self._backend.token_to_id(token)
+
+    # ------------------------------------------------------------------ the vocabulary, for constrained decoding
+
+    def tokenizer_json(self) -> str | None:
+        """The serialized tokenizer.json, or None for a bundled encoding (then use `token_bytes`)."""
+        return self._backend.to_json()
+
+    def token_bytes(self) -> list[bytes]:
+        """Every token's bytes, by id (bundled encodings only)."""
+        return self._backend.token_bytes()
+
+    def all_special_token_ids(self) -> frozenset[int]:
+        """Every control token, including those decode() keeps (Qwen3's <think>, <tool_call>)."""
+        return self._backend.all_special_ids()
 
     # ------------------------------------------------------------------ chat
 

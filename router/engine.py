@@ -19,6 +19,7 @@ from experts.bank import ExpertBank
 from models.checkpoint import CheckpointReader
 from models.registry import load_config
 from models.tokenizer import Tokenizer
+from router.constraints import ConstraintFactory, GrammarConstraint
 from router.detokenizer import IncrementalDetokenizer
 from router.kv_cache import BlockManager, KVCache
 from router.runner import ModelRunner
@@ -108,6 +109,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None
     stop_matcher: StopStringMatcher | None
     logprobs: list[SampleResult] = field(default_factory=list)
+    constraint: GrammarConstraint | None = None      # from params.grammar (router/constraints.py)
 
 
 class Engine:
@@ -148,6 +150,7 @@ class Engine:
         self.sampler = Sampler(mc.vocab_size)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._constraints = ConstraintFactory(self.tokenizer, mc.vocab_size) if self.tokenizer else None
         log.info("engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.model_dir, mc.model_type, self.device, self.dtype, num_blocks, config.block_size,
                  self.max_model_len)
@@ -177,6 +180,8 @@ class Engine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine runs without one (skip_tokenizer_init)")
+        if params.grammar is not None and self.tokenizer is None:
+            raise ValueError("an output constraint needs a tokenizer, and this engine runs without one")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -191,13 +196,15 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
         seq = Sequence(request_id, prompt, tenant=tenant)
+        constraint = self._constraints.create(params.grammar) if params.grammar is not None else None
         self.requests[request_id] = _Request(
             seq=seq,
             params=params,
             sampling=SamplingState(params, prompt, self.eos_token_ids),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=True)
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens)
             if self.tokenizer else None,
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None,
+            constraint=constraint,
         )
         self.scheduler.add(seq)
         return request_id
@@ -221,13 +228,22 @@ class Engine:
         logits, sampled = self.runner.execute(batch)                       # [S, V]
         self.scheduler.after_step(batch)
         requests = [self.requests[item.seq.request_id] for item in sampled]
-        results = self.sampler.sample(logits, [r.sampling for r in requests])
+        results = self.sampler.sample(logits, [r.sampling for r in requests], self._allowed_masks(requests))
         outputs = [self._append_token(r, result) for r, result in zip(requests, results)]
         self.scheduler.remove_finished()
         return outputs
 
+    @staticmethod
+    def _allowed_masks(requests: list[_Request]) -> list | None:
+        """Each constrained request's token mask for this step (computed while the forward pass ran)."""
+        if not any(r.constraint for r in requests):
+            return None
+        return [r.constraint.allowed() if r.constraint else None for r in requests]
+
     def _append_token(self, request: _Request, result: SampleResult) -> RequestOutput:
         seq, params, token = request.seq, request.params, result.token_id
+        if request.constraint is not None:
+            request.constraint.accept(token)
         seq.token_ids.append(token)
         request.sampling.append(token)
         if seq.first_token_time is None:

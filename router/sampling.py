@@ -48,6 +48,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None     # None = off; 0 = chosen token only; k = also the top k (at most 20)
     include_stop_str_in_output: bool = False
+    # Output decoding and constraints, set by the ingress (see router/constraints.py).
+    skip_special_tokens: bool = True    # False keeps control tokens in the text (harmony's <|channel|>, ...)
+    grammar: str | None = None          # an llguidance grammar the output must follow
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, allowed=">= 1")
@@ -66,7 +69,9 @@ class SamplingParams:
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS,
                        allowed=f"None or in [0, {MAX_LOGPROBS}]")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be an llguidance grammar string or None, got {type(self.grammar).__name__}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
