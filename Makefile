@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench protos clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/expertmesh bench engine --model smollm2-moe
+
+# Regenerate the gRPC stubs after editing protos/*.proto (a test checks they are in sync).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/*.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,6 +2,7 @@
 
     expertmesh generate --model PATH_OR_NAME (--prompt TEXT | --chat TEXT | --prompt-token-ids 1,2,3)
                         --max-tokens N [--temperature T] [--seed S] [--json]
+                        [--expert-groups N --transport local|collective|grpc] [--overlap]
     expertmesh chat --model PATH_OR_NAME
     expertmesh convert [--model smollm2-moe] [--output DIR]
     expertmesh bench engine --model PATH_OR_NAME
@@ -31,6 +32,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
     p.add_argument("--max-model-len", type=int, default=None)
+    ep = p.add_argument_group("expert parallelism")
+    ep.add_argument("--expert-groups", type=int, default=1,
+                    help="expert-group actors holding a slice of the experts each (default 1)")
+    ep.add_argument("--transport", choices=["local", "collective", "grpc"], default=None,
+                    help="local (in-process; the default for 1 group), collective (torch.distributed: "
+                         "gloo on CPU, NCCL on GPU; the default for several groups) or grpc")
+    ep.add_argument("--expert-assignment", choices=["contiguous", "balanced"], default="contiguous")
+    ep.add_argument("--routing-counts", default=None,
+                    help="JSON of measured routing counts for --expert-assignment balanced "
+                         "(written by generate --record-routing)")
+    ep.add_argument("--expert-group-threads", type=int, default=None,
+                    help="torch threads per CPU expert group (default: its CPUs, 1)")
+    ep.add_argument("--overlap", action="store_true",
+                    help="overlap two decode micro-batches' attention and expert round trips")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (token_ids, text, finish_reason, usage) instead of streaming")
+    gen.add_argument("--record-routing", type=Path, default=None, metavar="FILE",
+                     help="write the tokens routed to each expert per layer (for balanced assignment)")
 
     chat = sub.add_parser("chat", help="an interactive chat with the model")
     _add_engine_args(chat)
@@ -90,7 +107,16 @@ def _sampling_params(args, engine):
 def _engine(args):
     from router.engine import Engine, EngineConfig
 
-    return Engine(args.model, EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len))
+    transport = args.transport or ("local" if args.expert_groups == 1 else "collective")
+    engine = Engine(args.model, EngineConfig(
+        device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, expert_groups=args.expert_groups,
+        transport=transport, expert_assignment=args.expert_assignment, routing_counts=args.routing_counts,
+        overlap=args.overlap, expert_group_threads=args.expert_group_threads))
+    if transport != "local":
+        from experts.assignment import describe
+        print(f"expertmesh: {args.expert_groups} expert groups over {transport}: "
+              f"{describe(engine.transport.assignment)}", file=sys.stderr)
+    return engine
 
 
 def cmd_generate(args) -> int:
@@ -117,6 +143,11 @@ def cmd_generate(args) -> int:
                           "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(token_ids)}}))
     else:
         sys.stdout.write("\n")
+    if args.record_routing:
+        args.record_routing.write_text(json.dumps({"model": str(engine.model_dir),
+                                                   "moe_layers": list(engine.model_config.moe_layers),
+                                                   "counts": engine.routing_counts()}))
+    engine.close()
     return 0
 
 

@@ -61,47 +61,57 @@ class ExpertBank:
         return per_layer * len(self.layers)
 
     @torch.no_grad()
+    def expert_outputs(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D], expert_ids [T, A] (global ids) -> unweighted outputs [S, D] of the S slots
+        routed to experts held here, ordered by (expert id, slot): `held_slot_order` says which.
+
+        This is what an expert group returns to the router; `forward` combines it.
+        """
+        w = self.layers[layer]
+        local = self._local_index[layer].to(expert_ids.device)[expert_ids].flatten()   # [T*A]
+        order = torch.argsort(local, stable=True)                                      # slots by expert
+        counts = torch.bincount(local + 1, minlength=len(w.expert_ids) + 1).tolist()
+        order = order[counts[0]:]             # slots of experts held elsewhere (index -1) sort first
+        tokens = order // expert_ids.shape[1]                                          # [S]
+        outputs, start = [], 0
+        for e, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            rows = x if x.shape[0] == 1 else x[tokens[start:start + count]]             # [n, D]
+            start += count
+            h = torch.nn.functional.linear(rows, w.gate_up[e],
+                                           None if w.gate_up_bias is None else w.gate_up_bias[e])  # [n, 2I]
+            gate_out, up_out = h.chunk(2, dim=-1)                                      # [n, I] each
+            outputs.append(torch.nn.functional.linear(self.activation(gate_out, up_out), w.down[e],
+                                                      None if w.down_bias is None else w.down_bias[e]))  # [n, D]
+        return torch.cat(outputs) if outputs else x.new_zeros((0, x.shape[1]))
+
+    def held_slot_order(self, layer: int, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The flat slot indices [S] that `expert_outputs` returns rows for, in its order."""
+        local = self._local_index[layer].to(expert_ids.device)[expert_ids].flatten()
+        order = torch.argsort(local, stable=True)
+        return order[int((local < 0).sum()):]
+
+    @torch.no_grad()
     def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], expert_ids [T, A] (global ids), weights [T, A] -> sum over the held experts [T, D].
 
         Slots routed to experts held elsewhere contribute nothing here.
         """
-        w = self.layers[layer]
-        if x.shape[0] == 1:
-            return self._forward_one_token(w, layer, x, expert_ids, weights)
-        out = torch.zeros_like(x)
-        local = self._local_index[layer].to(expert_ids.device)[expert_ids]    # [T, A]
-        flat_local = local.flatten()                                          # [T*A]
-        order = torch.argsort(flat_local, stable=True)                        # slots grouped by expert
-        counts = torch.bincount(flat_local[order] + 1, minlength=len(w.expert_ids) + 1).tolist()
-        start = counts[0]  # slots for experts held elsewhere sort first (local index -1)
-        top_k = expert_ids.shape[1]
-        for e, count in enumerate(counts[1:]):
-            if count == 0:
-                continue
-            slots = order[start:start + count]                                # [n]
-            start += count
-            tokens = slots // top_k                                           # [n]
-            h = torch.nn.functional.linear(x[tokens], w.gate_up[e],
-                                           None if w.gate_up_bias is None else w.gate_up_bias[e])  # [n, 2I]
-            gate_out, up_out = h.chunk(2, dim=-1)                             # [n, I] each
-            y = torch.nn.functional.linear(self.activation(gate_out, up_out), w.down[e],
-                                           None if w.down_bias is None else w.down_bias[e])        # [n, D]
-            y = y * weights.flatten()[slots, None].to(y.dtype)
-            out.index_add_(0, tokens, y)
-        return out
+        y = self.expert_outputs(layer, x, expert_ids)                                  # [S, D]
+        return combine(x, expert_ids, weights, self.held_slot_order(layer, expert_ids), y)
 
-    def _forward_one_token(self, w: ExpertWeights, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
-        """Batch-1 decode: run the token's A experts directly; sorting and scattering would cost
-        more than the matmuls save. x [1, D] -> [1, D]."""
-        out = torch.zeros_like(x)
-        local = self._local_index[layer][expert_ids[0].cpu()].tolist()
-        for e, slot in sorted((e, slot) for slot, e in enumerate(local) if e >= 0):   # expert order, as the batched path
-            h = torch.nn.functional.linear(x, w.gate_up[e], None if w.gate_up_bias is None else w.gate_up_bias[e])
-            gate_out, up_out = h.chunk(2, dim=-1)                             # [1, I] each
-            y = torch.nn.functional.linear(self.activation(gate_out, up_out), w.down[e],
-                                           None if w.down_bias is None else w.down_bias[e])        # [1, D]
-            out.add_(y * weights[0, slot].to(y.dtype))
-        return out
+
+def combine(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
+            outputs: torch.Tensor) -> torch.Tensor:
+    """Weighted sum per token of expert outputs [S, D] for flat slots [S] -> [T, D].
+
+    Rows are added in the order given; every transport passes them in (expert id, slot)
+    order, so the sums, and the tokens, are the same bit for bit whichever process ran them.
+    """
+    out = torch.zeros_like(x)                                                          # [T, D]
+    if slots.numel():
+        scale = weights.flatten()[slots].to(outputs.dtype)[:, None]                    # [S, 1]
+        out.index_add_(0, slots // expert_ids.shape[1], outputs * scale)
+    return out

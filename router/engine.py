@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from experts.bank import ExpertBank
+from experts.assignment import load_routing_counts
 from models.checkpoint import CheckpointReader
 from models.registry import load_config
 from models.tokenizer import Tokenizer
@@ -27,7 +27,7 @@ from router.sampling import SampleResult, Sampler, SamplingParams, SamplingState
 from router.scheduler import Scheduler
 from router.sequence import Sequence, Status
 from router.stop import StopStringMatcher
-from router.transport import LocalTransport, Transport
+from router.transport import Transport, TransportError, build_transport
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def cpu_default_dtype() -> torch.dtype:
     return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(flags) else torch.float32
 
 
+MAX_STEP_REPLAYS = 3  # replays of one step after expert-group failures before its requests fail
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -69,6 +70,12 @@ class EngineConfig:
     placement_strategy: str = "PACK"       # Ray placement group strategy for the expert groups
     overlap: bool = False                  # ping-pong two decode micro-batches (attention vs expert round trip)
     expert_group_timeout_s: float = 60.0   # how long to wait for a dead expert group to restart
+    expert_group_max_restarts: int = 3     # Ray restarts of an expert-group actor before it is gone
+    expert_group_cpus: float = 1           # CPUs in each expert group's placement bundle
+    # Torch threads per CPU expert group (default: its CPUs). MKL picks kernels by thread count, so
+    # bit-identical results with an in-process run need the same count as that process.
+    expert_group_threads: int | None = None
+    routing_counts: str | None = None      # JSON of measured routing counts, for expert_assignment "balanced"
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -127,10 +134,6 @@ class Engine:
         self.trunk = self.family.build_trunk(mc)
         self.trunk.load(CheckpointReader(self.model_dir), self.dtype, self.device)
         self.trunk.eval()
-        if transport is None:
-            bank = ExpertBank.load(self.family, mc, self.model_dir, dtype=self.dtype, device=self.device)
-            transport = LocalTransport(bank)
-        self.transport = transport
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer.from_pretrained(self.model_dir, mc.model_type)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         self.eos_token_ids = frozenset(tokenizer_eos) | frozenset(mc.eos_token_ids)
@@ -146,8 +149,16 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.trunk, self.transport, self.kv, self.device)
-        self.sampler = Sampler(mc.vocab_size)
+        if transport is None:   # last: everything that can reject the config has run
+            counts = (load_routing_counts(config.routing_counts, mc.num_experts)
+                      if config.routing_counts else None)
+            transport = build_transport(config, self.family, mc, self.model_dir, dtype=self.dtype,
+                                        device=self.device, routing_counts=counts)
+        self.transport = transport
+        self.runner = ModelRunner(self.trunk, self.transport, self.kv, self.device, overlap=config.overlap)
+        # Embedding rows past the tokenizer's vocabulary (Qwen3 pads 151669 tokens to 151936) have no
+        # text: a weak model must not sample them.
+        self.sampler = Sampler(min(mc.vocab_size, self.tokenizer.vocab_size) if self.tokenizer else mc.vocab_size)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._constraints = ConstraintFactory(self.tokenizer, mc.vocab_size) if self.tokenizer else None
@@ -225,13 +236,33 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, sampled = self.runner.execute(batch)                       # [S, V]
+        logits, sampled = self._execute(batch)                             # [S, V]
         self.scheduler.after_step(batch)
         requests = [self.requests[item.seq.request_id] for item in sampled]
         results = self.sampler.sample(logits, [r.sampling for r in requests], self._allowed_masks(requests))
         outputs = [self._append_token(r, result) for r, result in zip(requests, results)]
         self.scheduler.remove_finished()
         return outputs
+
+    def _execute(self, batch):
+        """Run the step; when an expert group fails mid-step, wait for it to restart and replay
+        the whole step (KV writes repeat with the same values, nothing was sampled yet)."""
+        for attempt in itertools.count(1):
+            try:
+                return self.runner.execute(batch)
+            except TransportError as error:
+                if attempt > MAX_STEP_REPLAYS:
+                    raise
+                log.warning("step failed (%s); waiting for expert group %d and replaying", error, error.group)
+                self.transport.recover()
+
+    def routing_counts(self) -> list[list[int]]:
+        """Tokens routed to each expert, per MoE layer, since start: the input of `balanced` assignment."""
+        return self.runner.routing_counts.tolist()
+
+    def close(self) -> None:
+        """Release the expert groups (actors, placement group, process group)."""
+        self.transport.close()
 
     @staticmethod
     def _allowed_masks(requests: list[_Request]) -> list | None:

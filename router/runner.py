@@ -11,17 +11,27 @@ from router.transport import Transport
 
 
 class ModelRunner:
-    def __init__(self, trunk: Trunk, transport: Transport, kv: KVCache, device: torch.device):
+    def __init__(self, trunk: Trunk, transport: Transport, kv: KVCache, device: torch.device, *,
+                 overlap: bool = False):
         self.trunk = trunk
         self.transport = transport
         self.kv = kv
         self.device = device
+        self.overlap = overlap
+        config = trunk.config
+        self.routing_counts = torch.zeros((len(config.moe_layers), config.num_experts), dtype=torch.long,
+                                          device=device)
+        self._moe_row = {layer: row for row, layer in enumerate(config.moe_layers)}
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], *, all_logits: bool = False) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Run the step; returns logits [S, V] for the sequences that sample, in that order
         (with `all_logits`, logits [T, V] of every token in the step's order instead)."""
         batch = sorted(batch, key=lambda item: item.num_tokens != 1 or not item.samples)  # decodes first
+        if self.overlap and not all_logits and len(batch) >= 2 and all(
+                item.num_tokens == 1 and item.samples for item in batch):
+            half = len(batch) // 2
+            return self._execute_overlapped([batch[:half], batch[half:]]), batch
         ctx, input_ids, sample_rows = self._prepare(batch)
         trunk = self.trunk
         h = trunk.embed(input_ids)                                              # [T, D]
@@ -30,7 +40,7 @@ class ModelRunner:
             h = layer.attention(h, rotary, ctx)
             x = layer.ffn_input(h)
             if layer.is_moe:
-                ids, weights = layer.route(x)                                   # [T, A], [T, A]
+                ids, weights = self._route(layer, x)                            # [T, A], [T, A]
                 h = h + self.transport.dispatch(layer.index, x, ids, weights)
             else:
                 h = h + layer.dense_mlp(x)
@@ -38,6 +48,37 @@ class ModelRunner:
             return trunk.logits(h), batch
         logits = trunk.logits(h[sample_rows])                                   # [S, V]
         return logits, [item for item in batch if item.samples]
+
+    def _execute_overlapped(self, micro_batches: list[list[ScheduledSeq]]) -> torch.Tensor:
+        """Decode in two micro-batches, ping-pong (MegaScale-Infer): while one micro-batch's
+        tokens are with the expert groups, the other's attention runs here."""
+        trunk = self.trunk
+        state = []
+        for mb in micro_batches:
+            ctx, input_ids, _ = self._prepare(mb)
+            h = trunk.embed(input_ids)                                          # [t, D]
+            state.append([ctx, trunk.rotary(ctx.positions, h.dtype), h, None])  # ctx, rotary, h, pending
+        for layer in trunk.layers:
+            for s in state:
+                ctx, rotary, h, pending = s
+                if pending is not None:
+                    h = h + pending.wait()                                      # previous layer's experts
+                h = layer.attention(h, rotary, ctx)
+                x = layer.ffn_input(h)
+                if layer.is_moe:
+                    ids, weights = self._route(layer, x)
+                    s[3] = self.transport.dispatch_async(layer.index, x, ids, weights)
+                else:
+                    h, s[3] = h + layer.dense_mlp(x), None
+                s[2] = h
+        hidden = [h if pending is None else h + pending.wait() for _, _, h, pending in state]
+        return trunk.logits(torch.cat(hidden))                                  # every row samples
+
+    def _route(self, layer, x: torch.Tensor):
+        ids, weights = layer.route(x)                                           # [T, A], [T, A]
+        self.routing_counts[self._moe_row[layer.index]] += torch.bincount(
+            ids.flatten(), minlength=self.routing_counts.shape[1])
+        return ids, weights
 
     def _prepare(self, batch: list[ScheduledSeq]):
         block_size = self.kv.block_size
