@@ -59,6 +59,11 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine loop is alive (a replica's health check)."""
+        return self._thread.is_alive() and not self._stopped.is_set()
+
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 

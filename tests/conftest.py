@@ -42,3 +42,18 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster) -> str:
+    """Ray Serve's HTTP proxy on a free port of 127.0.0.1 for the whole session: its base URL.
+    Serving tests deploy their app under their own route prefix below it."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"

@@ -1,0 +1,84 @@
+"""The router deployment: one engine per replica, streaming token outputs to the ingress.
+
+The replica owns an `AsyncEngine` (the engine loop on a background thread) and, through the
+engine, its expert groups and their transport. It admits at most `engine.capacity` requests
+(running plus queued); past that it answers `RouterBusyError`, which the ingress turns into 429
+with Retry-After, so nothing waits unseen in a queue nobody bounds.
+"""
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from ray import serve
+
+from cluster.config import ClusterConfig
+from router.async_engine import AsyncEngine
+from router.engine import Engine, RequestOutput
+from router.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RouterBusyError(RuntimeError):
+    """This replica's queue is full; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return RouterBusyError, (str(self), self.retry_after_s)
+
+
+@serve.deployment(name="Router")
+class Router:
+    def __init__(self, config: ClusterConfig, engine_cls: type[Engine] = Engine):
+        self.config = config
+        self.engine = engine_cls(config.model.source, config.engine_config())
+        self.async_engine = AsyncEngine(self.engine)
+        self.capacity = config.engine.capacity
+        self.active: set[str] = set()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. Cancelling the call (a client that left) aborts it."""
+        if len(self.active) >= self.capacity:
+            raise RouterBusyError(f"the router replica is at capacity ({self.capacity} requests: "
+                                  f"{self.config.engine.max_num_seqs} running, "
+                                  f"{self.config.engine.max_queued_requests} queued); retry later",
+                                  self.config.engine.retry_after_s)
+        self.active.add(request_id)
+        try:
+            async for output in self.async_engine.generate(prompt_token_ids, params, request_id=request_id):
+                yield output
+        finally:
+            self.active.discard(request_id)
+
+    def info(self) -> dict:
+        """What the ingress needs to validate requests before sending them here."""
+        engine = self.engine
+        return {"model_type": engine.model_config.model_type, "max_model_len": engine.max_model_len,
+                "vocab_size": engine.model_config.vocab_size, "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "expert_groups": self.config.experts.groups, "transport": self.config.experts.transport}
+
+    def stats(self) -> dict:
+        """Load and KV-cache occupancy of this replica (tests and operators read it)."""
+        blocks = self.engine.block_manager
+        return {"active_requests": len(self.active), "engine_requests": len(self.engine.requests),
+                "free_kv_blocks": blocks.num_free_blocks, "total_kv_blocks": blocks.num_blocks,
+                "capacity": self.capacity}
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a dead engine thread makes the replica restart."""
+        if not self.async_engine.running:
+            raise RuntimeError("the engine loop has stopped")
+
+    def __del__(self):
+        async_engine = getattr(self, "async_engine", None)
+        if async_engine is not None:
+            async_engine.shutdown()
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
