@@ -4,8 +4,10 @@
                         --max-tokens N [--temperature T] [--seed S] [--json]
                         [--expert-groups N --transport local|collective|grpc] [--overlap]
     expertmesh chat --model PATH_OR_NAME
+    expertmesh serve [--config FILE]     (the OpenAI-compatible cluster; see cluster/serve.py)
     expertmesh convert [--model smollm2-moe] [--output DIR]
     expertmesh bench engine --model PATH_OR_NAME
+    expertmesh bench dispatch --model PATH_OR_NAME
 
 The `generate` contract (flags and the --json keys token_ids and text) is
 relied on from outside the project; keep it stable.
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="a system message")
 
+    srv = sub.add_parser("serve", help="deploy the OpenAI-compatible Serve app and block until Ctrl-C")
+    srv.add_argument("--config", type=Path, default=None,
+                     help="a cluster config YAML (cluster/config.py); default: the embedded smollm2-moe "
+                          "with 2 expert groups over the collective transport on 127.0.0.1:8000")
+
     conv = sub.add_parser("convert", help="convert the embedded default model to a Hugging Face checkpoint")
     conv.add_argument("--model", default="smollm2-moe", choices=["smollm2-moe"])
     conv.add_argument("--output", type=Path, default=None,
@@ -91,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--model", default="smollm2-moe")
     eng.add_argument("--dtype", default="auto")
     eng.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (a smoke run)")
+    disp = bench_sub.add_parser("dispatch", help="local vs collective vs grpc expert groups, and the raw send/recv floor")
+    disp.add_argument("--model", default="smollm2-moe")
+    disp.add_argument("--dtype", default="auto")
+    disp.add_argument("--quick", action="store_true", help="fewer tokens, groups and repetitions (a smoke run)")
     return parser
 
 
@@ -184,16 +195,27 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench == "dispatch":
+        from bench import dispatch as bench_dispatch
+
+        return bench_dispatch.main(model=args.model, dtype=args.dtype, quick=args.quick)
     from bench import engine as bench_engine
 
     return bench_engine.main(model=args.model, dtype=args.dtype, quick=args.quick)
+
+
+def cmd_serve(args) -> int:
+    from cluster import serve
+
+    return serve.run(args.config)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "bench": cmd_bench}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "bench": cmd_bench,
+                "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

@@ -33,7 +33,7 @@ from models.registry import load_config
 
 log = logging.getLogger(__name__)
 
-OP_DISPATCH, OP_STOP = 1, 0
+OP_DISPATCH, OP_STOP, OP_ECHO = 1, 0, 2   # OP_ECHO: reply zeros of the right shape, no compute (bench floor)
 TAG = 0
 
 
@@ -201,7 +201,11 @@ class ExpertGroup:
                 payload = torch.empty(nbytes, dtype=torch.uint8, device=comm)
                 pg.recv([payload], 0, TAG).wait()
                 expert_ids, hidden = unpack(payload, n, top_k, config.hidden_size, self.dtype)
-                outputs = self.bank.expert_outputs(layer, hidden.to(self.device), expert_ids.to(self.device))
+                if op == OP_ECHO:
+                    rows = len(self.bank.held_slot_order(layer, expert_ids))
+                    outputs = torch.zeros((rows, config.hidden_size), dtype=self.dtype, device=comm)
+                else:
+                    outputs = self.bank.expert_outputs(layer, hidden.to(self.device), expert_ids.to(self.device))
                 pg.send([outputs.to(comm).contiguous()], 0, TAG).wait()
         except Exception as error:  # the router went away or re-formed the group: wait for the next join
             if self._generation == generation:
@@ -264,7 +268,11 @@ class _ExpertServicer:
             expert_ids = tensor_from_proto(request.expert_ids).long()
             if request.layer not in self.group.bank.layers:
                 raise ValueError(f"layer {request.layer} is not a MoE layer of this model")
-            outputs = self.group.dispatch(request.layer, hidden, expert_ids)
+            if request.echo:   # transport cost only: the reply's shape, no expert compute
+                rows = len(self.group.bank.held_slot_order(request.layer, expert_ids))
+                outputs = torch.zeros((rows, hidden.shape[1]), dtype=self.group.dtype)
+            else:
+                outputs = self.group.dispatch(request.layer, hidden, expert_ids)
         except (ValueError, RuntimeError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return pb.DispatchReply(outputs=tensor_to_proto(outputs))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/expert_transport.proto\x12\x15\x65xpertmesh.experts.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x01\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12-\n\x06hidden\x18\x02 \x01(\x0b\x32\x1d.expertmesh.experts.v1.Tensor\x12\x31\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x1d.expertmesh.experts.v1.Tensor\"?\n\rDispatchReply\x12.\n\x07outputs\x18\x01 \x01(\x0b\x32\x1d.expertmesh.experts.v1.Tensor\"\r\n\x0bInfoRequest\">\n\tInfoReply\x12\r\n\x05group\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t2\xb7\x01\n\rExpertService\x12X\n\x08\x44ispatch\x12&.expertmesh.experts.v1.DispatchRequest\x1a$.expertmesh.experts.v1.DispatchReply\x12L\n\x04Info\x12\".expertmesh.experts.v1.InfoRequest\x1a .expertmesh.experts.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/expert_transport.proto\x12\x15\x65xpertmesh.experts.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x90\x01\n\x0f\x44ispatchRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12-\n\x06hidden\x18\x02 \x01(\x0b\x32\x1d.expertmesh.experts.v1.Tensor\x12\x31\n\nexpert_ids\x18\x03 \x01(\x0b\x32\x1d.expertmesh.experts.v1.Tensor\x12\x0c\n\x04\x65\x63ho\x18\x04 \x01(\x08\"?\n\rDispatchReply\x12.\n\x07outputs\x18\x01 \x01(\x0b\x32\x1d.expertmesh.experts.v1.Tensor\"\r\n\x0bInfoRequest\">\n\tInfoReply\x12\r\n\x05group\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t2\xb7\x01\n\rExpertService\x12X\n\x08\x44ispatch\x12&.expertmesh.experts.v1.DispatchRequest\x1a$.expertmesh.experts.v1.DispatchReply\x12L\n\x04Info\x12\".expertmesh.experts.v1.InfoRequest\x1a .expertmesh.experts.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=56
   _globals['_TENSOR']._serialized_end=108
   _globals['_DISPATCHREQUEST']._serialized_start=111
-  _globals['_DISPATCHREQUEST']._serialized_end=241
-  _globals['_DISPATCHREPLY']._serialized_start=243
-  _globals['_DISPATCHREPLY']._serialized_end=306
-  _globals['_INFOREQUEST']._serialized_start=308
-  _globals['_INFOREQUEST']._serialized_end=321
-  _globals['_INFOREPLY']._serialized_start=323
-  _globals['_INFOREPLY']._serialized_end=385
-  _globals['_EXPERTSERVICE']._serialized_start=388
-  _globals['_EXPERTSERVICE']._serialized_end=571
+  _globals['_DISPATCHREQUEST']._serialized_end=255
+  _globals['_DISPATCHREPLY']._serialized_start=257
+  _globals['_DISPATCHREPLY']._serialized_end=320
+  _globals['_INFOREQUEST']._serialized_start=322
+  _globals['_INFOREQUEST']._serialized_end=335
+  _globals['_INFOREPLY']._serialized_start=337
+  _globals['_INFOREPLY']._serialized_end=399
+  _globals['_EXPERTSERVICE']._serialized_start=402
+  _globals['_EXPERTSERVICE']._serialized_end=585
 # @@protoc_insertion_point(module_scope)

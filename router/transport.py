@@ -155,6 +155,7 @@ class _RemoteTransport:
         for g, experts in enumerate(assignment):
             self.group_of_expert[experts] = g
         self.stats = DispatchStats(self.name, len(assignment))
+        self.echo = False   # benchmarks: groups reply without running experts (the transport's own cost)
 
     def _plan(self, layer: int, expert_ids: torch.Tensor) -> _Plan:
         top_k = expert_ids.shape[1]
@@ -270,7 +271,7 @@ class CollectiveTransport(_RemoteTransport):
                  self.generation, self.backend, len(self.actors), self.host, self.store.port)
 
     def dispatch_async(self, layer, hidden, expert_ids, weights) -> Pending:
-        from experts.group import OP_DISPATCH, TAG, pack
+        from experts.group import OP_DISPATCH, OP_ECHO, TAG, pack
 
         plan = self._plan(layer, expert_ids)
         start = time.perf_counter()
@@ -279,7 +280,8 @@ class CollectiveTransport(_RemoteTransport):
             if len(tokens) == 0:
                 continue
             tokens_dev = tokens.to(hidden.device)
-            header = torch.tensor([OP_DISPATCH, layer, len(tokens)], dtype=torch.long, device=self.comm_device)
+            op = OP_ECHO if self.echo else OP_DISPATCH
+            header = torch.tensor([op, layer, len(tokens)], dtype=torch.long, device=self.comm_device)
             payload = pack(expert_ids.index_select(0, tokens_dev), hidden.index_select(0, tokens_dev)).to(self.comm_device)
             reply = torch.empty((len(plan.slots[g]), self.hidden_size), dtype=self.dtype, device=self.comm_device)
             sends += [(self.pg.send([header], g + 1, TAG), header), (self.pg.send([payload], g + 1, TAG), payload)]
@@ -375,7 +377,8 @@ class GrpcTransport(_RemoteTransport):
                 continue
             tokens_dev = tokens.to(hidden.device)
             request = pb.DispatchRequest(layer=layer, hidden=tensor_to_proto(hidden.index_select(0, tokens_dev)),
-                                         expert_ids=tensor_to_proto(expert_ids.index_select(0, tokens_dev).to(torch.int32)))
+                                         expert_ids=tensor_to_proto(expert_ids.index_select(0, tokens_dev).to(torch.int32)),
+                                         echo=self.echo)
             calls.append((g, self.stubs[g].Dispatch.future(request, timeout=self.timeout_s)))
 
         def finish() -> torch.Tensor:
