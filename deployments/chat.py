@@ -136,7 +136,8 @@ class ChatFormat:
         budget = f"[max_tokens={request.thinking_token_budget}]" if request.thinking_token_budget else ""
         text = f"reasoning_text{budget}: /(?s:.*)/"
         if self.harmony:
-            return ["analysis? ", 'analysis: <|channel|> "analysis" <|message|> reasoning_text <|end|> <|start|> "assistant"',
+            # gpt-oss always reasons in the analysis channel before it answers or calls.
+            return ["analysis ", 'analysis: <|channel|> "analysis" <|message|> reasoning_text <|end|> <|start|> "assistant"',
                     text]
         if not self.reasoning_allowed(request, prompt_text):
             return [""]

@@ -1,0 +1,60 @@
+"""`expertmesh serve [--config FILE]`: deploy the cluster's Serve app and keep it up until Ctrl-C.
+
+Connects to the Ray cluster at $RAY_ADDRESS, or starts a local one; starts Serve's HTTP proxy
+where the config says (http.host, http.port), deploys `deployments.app:build_app(config)`, prints
+the URLs, and blocks. Ctrl-C deletes the app (and shuts down the local Ray it started).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+
+
+def load(config_path: Path | None) -> ClusterConfig:
+    return ClusterConfig.from_yaml(config_path) if config_path else ClusterConfig.embedded_default()
+
+
+def urls(config: ClusterConfig) -> dict[str, str]:
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+    base = f"http://{host}:{config.http.port}{config.http.route_prefix.rstrip('/')}"
+    return {"openai": f"{base}/v1", "health": f"{base}/health", "ready": f"{base}/ready"}
+
+
+def run(config_path: Path | None, *, block: bool = True) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    config = load(config_path)
+    address = os.environ.get("RAY_ADDRESS")
+    started_ray = not ray.is_initialized() and not address
+    if not ray.is_initialized():
+        ray.init(address=address or None, configure_logging=False)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    print(f"expertmesh: deploying {config.model.served_id!r} ({config.experts.groups} expert group(s), "
+          f"{config.experts.transport} transport) as Serve app {config.name!r}", file=sys.stderr)
+    serve.run(build_app(config), name=config.name, route_prefix=config.http.route_prefix)
+    links = urls(config)
+    print(f"expertmesh: serving {config.model.served_id} — OpenAI API at {links['openai']}")
+    print(f"  health {links['health']}   ready {links['ready']}")
+    print(f"  curl {links['openai']}/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{config.model.served_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
+    print("Ctrl-C to stop.", flush=True)
+    if not block:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nexpertmesh: stopping", file=sys.stderr)
+    finally:
+        serve.delete(config.name)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+    return 0
