@@ -26,6 +26,16 @@ from ray.serve.config import AutoscalingConfig
 DEFAULT_CONFIG = "smollm2-moe.yaml"     # the embedded default `make run` serves, in cluster/defaults/
 
 
+def describe(error: ValidationError) -> str:
+    """A validation error as `section.field: problem; ...`."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -161,7 +171,7 @@ class ClusterConfig(_Section):
         try:
             return cls.model_validate(raw)
         except ValidationError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"{path}: {describe(error)}") from None
 
     @classmethod
     def embedded_default(cls) -> "ClusterConfig":
