@@ -425,3 +425,21 @@ def test_every_value_is_documented():
         if line.strip():
             previous = line
     assert not undocumented, f"values.yaml keys without a comment: {undocumented}"
+
+
+# -- the serving image -------------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_every_package_and_the_pinned_torch():
+    """The image the chart runs has every package pyproject installs, and the Makefile's torch."""
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, re.M))
+    assert packages <= copied, f"the Dockerfile does not COPY {sorted(packages - copied)}"
+    [torch_pin] = re.findall(r"torch==([\d.]+)", (ROOT / "Makefile").read_text())
+    assert f"ARG TORCH_VERSION={torch_pin}" in dockerfile
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == pyproject["project"]["version"]
