@@ -18,9 +18,22 @@ def load(config_path: Path | None) -> ClusterConfig:
     return ClusterConfig.from_yaml(config_path) if config_path else ClusterConfig.embedded_default()
 
 
-def urls(config: ClusterConfig) -> dict[str, str]:
-    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
-    base = f"http://{host}:{config.http.port}{config.http.route_prefix.rstrip('/')}"
+def http_address(config: ClusterConfig) -> tuple[str, int]:
+    """Where Serve's proxy really listens: a Serve instance already running on the cluster keeps
+    the HTTP options it was started with, whatever this config says."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().get_serve_details()["http_options"]
+        return options["host"], int(options["port"])
+    except Exception:  # an older or newer Serve without these details: trust the config
+        return config.http.host, config.http.port
+
+
+def urls(config: ClusterConfig, address: tuple[str, int] | None = None) -> dict[str, str]:
+    host, port = address or (config.http.host, config.http.port)
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{host}:{port}{config.http.route_prefix.rstrip('/')}"
     return {"openai": f"{base}/v1", "health": f"{base}/health", "ready": f"{base}/ready"}
 
 
@@ -39,7 +52,7 @@ def run(config_path: Path | None, *, block: bool = True) -> int:
     print(f"expertmesh: deploying {config.model.served_id!r} ({config.experts.groups} expert group(s), "
           f"{config.experts.transport} transport) as Serve app {config.name!r}", file=sys.stderr)
     serve.run(build_app(config), name=config.name, route_prefix=config.http.route_prefix)
-    links = urls(config)
+    links = urls(config, http_address(config))
     print(f"expertmesh: serving {config.model.served_id} — OpenAI API at {links['openai']}")
     print(f"  health {links['health']}   ready {links['ready']}")
     print(f"  curl {links['openai']}/chat/completions -H 'Content-Type: application/json' "
