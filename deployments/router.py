@@ -56,7 +56,8 @@ class Router:
             self.active.discard(request_id)
 
     def info(self) -> dict:
-        """What the ingress needs to validate requests before sending them here."""
+        """What the ingress needs to validate requests before sending them here (and /ready)."""
+        self.check_health()
         engine = self.engine
         return {"model_type": engine.model_config.model_type, "max_model_len": engine.max_model_len,
                 "vocab_size": engine.model_config.vocab_size, "device": str(engine.device),

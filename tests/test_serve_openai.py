@@ -184,6 +184,7 @@ def test_json_schema_output_validates(client, seed):
         extra_body=NO_THINKING)
     assert response.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(response.choices[0].message.content), PERSON)
+    assert getattr(response.choices[0].message, "reasoning_content", None) is None   # thinking is off
 
 
 def test_schema_that_cannot_compile_is_a_400(client):
