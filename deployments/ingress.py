@@ -246,9 +246,10 @@ class Ingress:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         info = await self.router_info()
         requested = body.max_completion_tokens or body.max_tokens
-        rendered = self.chat.render_to_fit(body, info["max_model_len"], requested)
+        # Templates, tokenization and grammar compilation are CPU work: off the event loop.
+        rendered = await asyncio.to_thread(self.chat.render_to_fit, body, info["max_model_len"], requested)
         max_tokens = self._max_tokens(len(rendered.token_ids), requested, info["max_model_len"], "messages")
-        grammar = self.chat.grammar(body, rendered.text)
+        grammar = await asyncio.to_thread(self.chat.grammar, body, rendered.text)
         params = self._sampling_params(body, max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                        grammar=grammar, skip_special_tokens=body.skip_special_tokens
                                        and not self.chat.harmony)
@@ -327,7 +328,7 @@ class Ingress:
         body: CompletionRequest = await self._body(request, CompletionRequest)
         self._check_model(body.model)
         info = await self.router_info()
-        prompts = self._completion_prompts(body.prompt)
+        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
         max_tokens = min(self._max_tokens(len(p), body.max_tokens or 16, info["max_model_len"], "prompt")
