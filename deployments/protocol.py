@@ -46,7 +46,6 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
-    continuous_usage_stats: bool = False                    # vLLM: usage in every chunk
 
 
 class _Sampling(_Body):
