@@ -284,8 +284,11 @@ class CollectiveTransport(_RemoteTransport):
             header = torch.tensor([op, layer, len(tokens)], dtype=torch.long, device=self.comm_device)
             payload = pack(expert_ids.index_select(0, tokens_dev), hidden.index_select(0, tokens_dev)).to(self.comm_device)
             reply = torch.empty((len(plan.slots[g]), self.hidden_size), dtype=self.dtype, device=self.comm_device)
-            sends += [(self.pg.send([header], g + 1, TAG), header), (self.pg.send([payload], g + 1, TAG), payload)]
-            receives.append((g, self.pg.recv([reply], g + 1, TAG), reply))
+            try:
+                sends += [(self.pg.send([header], g + 1, TAG), header), (self.pg.send([payload], g + 1, TAG), payload)]
+                receives.append((g, self.pg.recv([reply], g + 1, TAG), reply))
+            except RuntimeError as error:   # a broken connection can fail the post itself
+                raise TransportError(g, f"collective dispatch of layer {layer} to expert group {g} failed: {error}") from error
 
         def finish() -> torch.Tensor:
             outputs = [torch.empty((0, self.hidden_size), dtype=self.dtype)] * len(plan.tokens)

@@ -102,6 +102,22 @@ def test_overlapped_micro_batches_answer_the_same(ray_cluster, mixtral):
         engine.close()
 
 
+def test_idle_expert_groups_stay_in_the_process_group(ray_cluster, mixtral):
+    """Longer without traffic than the process group's timeout is not a failure."""
+    import time
+
+    path, expected = mixtral
+    engine = Engine(path, EngineConfig(**TINY, **SAME_THREADS, expert_groups=2, transport="collective",
+                                       expert_group_timeout_s=2))
+    try:
+        assert token_ids(engine.generate(prompts(2), GREEDY)) == expected[:2]
+        time.sleep(4)
+        assert token_ids(engine.generate(prompts(2), GREEDY)) == expected[:2]
+        assert engine.transport.stats.restarts == [0, 0] and engine.transport.generation == 1
+    finally:
+        engine.close()
+
+
 async def _stream_all(engine: AsyncEngine, ps, params, on_token=None):
     async def one(i, p):
         tokens = []
