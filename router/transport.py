@@ -155,6 +155,7 @@ class _RemoteTransport:
         for g, experts in enumerate(assignment):
             self.group_of_expert[experts] = g
         self.stats = DispatchStats(self.name, len(assignment))
+        self._last_pids: list[int | None] = [None] * len(actors)
         self.echo = False   # benchmarks: groups reply without running experts (the transport's own cost)
 
     def _plan(self, layer: int, expert_ids: torch.Tensor) -> _Plan:
@@ -209,6 +210,14 @@ class _RemoteTransport:
                         f"{str(error).splitlines()[0]}") from None
         return infos
 
+    def _count_restarts(self, infos: list[dict]) -> None:
+        """A group whose process id changed since we last looked was restarted by Ray."""
+        for g, (old, info) in enumerate(zip(self._last_pids, infos)):
+            if old is not None and old != info["pid"]:
+                self.stats.restarts[g] += 1
+                log.warning("expert group %d restarted (pid %s -> %s)", g, old, info["pid"])
+        self._last_pids = [info["pid"] for info in infos]
+
     def close(self) -> None:
         import ray
 
@@ -247,6 +256,7 @@ class CollectiveTransport(_RemoteTransport):
                                    datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
         self.generation = 0
         self.pg = None
+        self._count_restarts(self._wait_for_groups())
         self._form()
 
     def _form(self) -> None:
@@ -308,22 +318,8 @@ class CollectiveTransport(_RemoteTransport):
 
     def recover(self) -> None:
         """After a failed step: wait for restarted groups, re-form the process group."""
-        before = self._pids
-        infos = self._wait_for_groups()
-        self._count_restarts(before, infos)
+        self._count_restarts(self._wait_for_groups())
         self._form()
-
-    @property
-    def _pids(self) -> list[int | None]:
-        return getattr(self, "_last_pids", [None] * len(self.actors))
-
-    def _count_restarts(self, before, infos) -> None:
-        pids = [info["pid"] for info in infos]
-        for g, (old, new) in enumerate(zip(before, pids)):
-            if old is not None and old != new:
-                self.stats.restarts[g] += 1
-                log.warning("expert group %d restarted (pid %s -> %s)", g, old, new)
-        self._last_pids = pids
 
     def close(self) -> None:
         from experts.group import OP_STOP, TAG
@@ -352,7 +348,9 @@ class GrpcTransport(_RemoteTransport):
                  hidden_size: int, dtype: torch.dtype, timeout_s: float, placement_group=None):
         super().__init__(num_experts, assignment, actors, timeout_s=timeout_s, placement_group=placement_group)
         self.hidden_size, self.dtype = hidden_size, dtype
-        self._connect(self._wait_for_groups())
+        infos = self._wait_for_groups()
+        self._count_restarts(infos)
+        self._connect(infos)
 
     def _connect(self, infos: list[dict]) -> None:
         import grpc
@@ -363,7 +361,6 @@ class GrpcTransport(_RemoteTransport):
         self.addresses = [info["grpc_address"] for info in infos]
         self.channels = [grpc.insecure_channel(address, options=options) for address in self.addresses]
         self.stubs = [pb_grpc.ExpertServiceStub(channel) for channel in self.channels]
-        self._last_pids = [info["pid"] for info in infos]
         log.info("grpc transport: expert groups at %s", ", ".join(self.addresses))
 
     def dispatch_async(self, layer, hidden, expert_ids, weights) -> Pending:
@@ -400,12 +397,8 @@ class GrpcTransport(_RemoteTransport):
         return Pending(finish)
 
     def recover(self) -> None:
-        before = self._last_pids
         infos = self._wait_for_groups()
-        for g, (old, info) in enumerate(zip(before, infos)):
-            if old != info["pid"]:
-                self.stats.restarts[g] += 1
-                log.warning("expert group %d restarted (pid %s -> %s)", g, old, info["pid"])
+        self._count_restarts(infos)
         for channel in self.channels:
             channel.close()
         self._connect(infos)
@@ -450,11 +443,9 @@ def build_transport(config, family, model_config, model_dir, *, dtype: torch.dty
                                    max_restarts=config.expert_group_max_restarts)
     try:
         if config.transport == "collective":
-            transport = CollectiveTransport(model_config.num_experts, assignment, actors, top_k=model_config.top_k,
-                                            hidden_size=model_config.hidden_size, dtype=dtype, device=device,
-                                            timeout_s=config.expert_group_timeout_s, placement_group=pg)
-            transport._count_restarts([None] * len(actors), ray.get([a.ready.remote() for a in actors]))
-            return transport
+            return CollectiveTransport(model_config.num_experts, assignment, actors, top_k=model_config.top_k,
+                                       hidden_size=model_config.hidden_size, dtype=dtype, device=device,
+                                       timeout_s=config.expert_group_timeout_s, placement_group=pg)
         return GrpcTransport(model_config.num_experts, assignment, actors, hidden_size=model_config.hidden_size,
                              dtype=dtype, timeout_s=config.expert_group_timeout_s, placement_group=pg)
     except Exception:
