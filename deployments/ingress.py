@@ -32,6 +32,7 @@ from cluster.config import ClusterConfig
 from deployments.chat import ChatFormat
 from deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from deployments.router import RouterBusyError
+from deployments.tenants import ANONYMOUS, Tenant, tenant_of
 from models.chat_output import Event
 from models.registry import load_config
 from models.tokenizer import Tokenizer
@@ -121,6 +122,17 @@ class _Choice:
         if self.finish_reason == "stop" and self.tool_calls:
             return "tool_calls"
         return self.finish_reason
+
+
+@dataclass
+class ChatRun:
+    """A started chat request: its id, the per-choice state and the router streams that feed it
+    (consume them with `Ingress._outputs(run.streams)` and `choice.add(output)`)."""
+    request_id: str
+    choices: list[_Choice]
+    streams: list
+    rendered: Any                                          # deployments.chat.RenderedChat
+    tenant: Tenant
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
@@ -241,6 +253,17 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        run = await self.start_chat(body, tenant_of(request))
+        if body.stream:
+            return StreamingResponse(self._chat_chunks(body, run.request_id, run.choices, run.streams),
+                                     media_type="text/event-stream")
+        return await self._chat_response(body, run.request_id, run.choices, run.streams)
+
+    async def start_chat(self, body: ChatCompletionRequest, tenant: Tenant = ANONYMOUS,
+                         request_id: str | None = None) -> ChatRun:
+        """The transport-neutral core of a chat request (HTTP chat completions, the Responses API and
+        gRPC Chat all come through here): validate, render, constrain, and start one router stream
+        per choice. Raises APIError for anything the client must be told before streaming starts."""
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -255,12 +278,9 @@ class Ingress:
                                        and not self.chat.harmony)
         choices = [_Choice(i, self.chat.parser(body, rendered.text), body.include_reasoning, body.parallel_tool_calls)
                    for i in range(body.n)]
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._start([rendered.token_ids] * body.n, params, request_id)
-        if body.stream:
-            return StreamingResponse(self._chat_chunks(body, request_id, choices, streams),
-                                     media_type="text/event-stream")
-        return await self._chat_response(body, request_id, choices, streams)
+        request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start([rendered.token_ids] * body.n, params, request_id, tenant)
+        return ChatRun(request_id, choices, streams, rendered, tenant)
 
     async def _chat_response(self, body, request_id, choices, streams) -> dict:
         async for i, output in self._outputs(streams):
@@ -337,7 +357,7 @@ class Ingress:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         token_prompts = [p for p in prompts for _ in range(body.n)]
         choices = [_Choice(i) for i in range(len(token_prompts))]
-        streams = await self._start(token_prompts, params, request_id)
+        streams = await self._start(token_prompts, params, request_id, tenant_of(request))
         echo = [self.tokenizer.decode(p) if body.echo else "" for p in token_prompts]
         if body.stream:
             return StreamingResponse(self._completion_chunks(body, request_id, choices, streams, echo,
@@ -421,7 +441,8 @@ class Ingress:
         except ValueError as error:
             raise APIError(400, str(error)) from None
 
-    async def _start(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> list:
+    async def _start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                     tenant: Tenant = ANONYMOUS) -> list:
         """Send one router request per choice and wait for each one's first output, so that a full
         queue, a bad request or an unready router is an HTTP status. Returns (first, rest) pairs."""
         streams = []
@@ -430,7 +451,8 @@ class Ingress:
                 # Each choice of a seeded request gets its own seed, so `n` samples differ.
                 choice_params = params if params.seed is None or i == 0 else \
                     dataclasses.replace(params, seed=params.seed + i)
-                stream = self.router.options(stream=True).generate.remote(prompt, choice_params, f"{request_id}-{i}")
+                stream = self.router.options(stream=True).generate.remote(prompt, choice_params, f"{request_id}-{i}",
+                                                                        tenant.name)
                 streams.append((stream, None))
             started = []
             for stream, _ in streams:

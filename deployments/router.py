@@ -13,6 +13,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from cluster.config import ClusterConfig
+from deployments.tenants import DEFAULT_TENANT
 from router.async_engine import AsyncEngine
 from router.engine import Engine, RequestOutput
 from router.sampling import SamplingParams
@@ -41,8 +42,9 @@ class Router:
         self.active: set[str] = set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs. Cancelling the call (a client that left) aborts it."""
+                       request_id: str, tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. Cancelling the call (a client that left) aborts it.
+        `tenant` is the request's tenant name (fair share, metrics labels)."""
         if len(self.active) >= self.capacity:
             raise RouterBusyError(f"the router replica is at capacity ({self.capacity} requests: "
                                   f"{self.config.engine.max_num_seqs} running, "
