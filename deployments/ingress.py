@@ -260,10 +260,11 @@ class Ingress:
         return await self._chat_response(body, run.request_id, run.choices, run.streams)
 
     async def start_chat(self, body: ChatCompletionRequest, tenant: Tenant = ANONYMOUS,
-                         request_id: str | None = None) -> ChatRun:
+                         request_id: str | None = None, session: str | None = None) -> ChatRun:
         """The transport-neutral core of a chat request (HTTP chat completions, the Responses API and
         gRPC Chat all come through here): validate, render, constrain, and start one router stream
-        per choice. Raises APIError for anything the client must be told before streaming starts."""
+        per choice. Raises APIError for anything the client must be told before streaming starts.
+        `session` names the conversation (for router-replica affinity: its KV prefix lives there)."""
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -279,7 +280,7 @@ class Ingress:
         choices = [_Choice(i, self.chat.parser(body, rendered.text), body.include_reasoning, body.parallel_tool_calls)
                    for i in range(body.n)]
         request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._start([rendered.token_ids] * body.n, params, request_id, tenant)
+        streams = await self._start([rendered.token_ids] * body.n, params, request_id, tenant, session)
         return ChatRun(request_id, choices, streams, rendered, tenant)
 
     async def _chat_response(self, body, request_id, choices, streams) -> dict:
@@ -442,7 +443,7 @@ class Ingress:
             raise APIError(400, str(error)) from None
 
     async def _start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                     tenant: Tenant = ANONYMOUS) -> list:
+                     tenant: Tenant = ANONYMOUS, session: str | None = None) -> list:
         """Send one router request per choice and wait for each one's first output, so that a full
         queue, a bad request or an unready router is an HTTP status. Returns (first, rest) pairs."""
         streams = []
@@ -452,7 +453,7 @@ class Ingress:
                 choice_params = params if params.seed is None or i == 0 else \
                     dataclasses.replace(params, seed=params.seed + i)
                 stream = self.router.options(stream=True).generate.remote(prompt, choice_params, f"{request_id}-{i}",
-                                                                        tenant.name)
+                                                                        tenant.name, session)
                 streams.append((stream, None))
             started = []
             for stream, _ in streams:

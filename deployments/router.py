@@ -42,9 +42,11 @@ class Router:
         self.active: set[str] = set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
+                       request_id: str, tenant: str = DEFAULT_TENANT,
+                       session: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs. Cancelling the call (a client that left) aborts it.
-        `tenant` is the request's tenant name (fair share, metrics labels)."""
+        `tenant` is the request's tenant name (fair share, metrics labels); `session` the
+        conversation it continues, which Serve's request router uses to pick this replica."""
         if len(self.active) >= self.capacity:
             raise RouterBusyError(f"the router replica is at capacity ({self.capacity} requests: "
                                   f"{self.config.engine.max_num_seqs} running, "
