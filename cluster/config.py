@@ -8,7 +8,7 @@ onto `ClusterConfig`. Every field has a description; unknown fields are errors.
     experts:     expert groups, transport, assignment and placement (EngineConfig's expert fields)
     engine:      KV cache, batching limits and the router's bounded queue
     ingress:     Serve options of the OpenAI HTTP deployment (replicas, autoscaling, resources)
-    router:      Serve options of the router deployment (one engine per replica)
+    router:      Serve options of the router deployment (one engine per replica), session affinity
     http:        where Serve's HTTP proxy listens (used by `expertmesh serve`)
 
 Tenants and session stores get their sections with the issue that implements them.
@@ -124,6 +124,14 @@ class DeploymentSection(_Section):
         return options
 
 
+class RouterSection(DeploymentSection):
+    session_affinity: bool = Field(True, description=(
+        "Send every request of a conversation (a Responses API conversation, or a request's "
+        "prompt_cache_key) to the same router replica, where its prefix is in the KV cache; a "
+        "replica already running max_num_seqs requests is passed over. false: Serve's power of "
+        "two choices for every request."))
+
+
 class HttpSection(_Section):
     host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds to")
     port: int = Field(8000, ge=0, le=65535, description="Port of Serve's HTTP proxy")
@@ -143,7 +151,7 @@ class ClusterConfig(_Section):
     experts: ExpertsSection = Field(default_factory=ExpertsSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
-    router: DeploymentSection = Field(default_factory=DeploymentSection)
+    router: RouterSection = Field(default_factory=RouterSection)
     http: HttpSection = Field(default_factory=HttpSection)
 
     @model_validator(mode="after")

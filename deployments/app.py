@@ -9,6 +9,7 @@
 from ray.serve import Application
 
 from cluster.config import ClusterConfig
+from deployments.affinity import request_router_config
 from deployments.ingress import Ingress
 from deployments.router import Router
 
@@ -22,6 +23,9 @@ def build_app(config: ClusterConfig) -> Application:
     """The ingress (OpenAI HTTP) bound to the router (engine + expert groups)."""
     if not isinstance(config, ClusterConfig):
         config = ClusterConfig.model_validate(config or {})
-    router = Router.options(**config.router.serve_options(config.engine.capacity + ROUTER_ONGOING_MARGIN))
+    router_options = config.router.serve_options(config.engine.capacity + ROUTER_ONGOING_MARGIN)
+    if config.router.session_affinity:      # a conversation's turns to the replica holding its prefix
+        router_options["request_router_config"] = request_router_config(spill_at=config.engine.max_num_seqs)
+    router = Router.options(**router_options)
     ingress = Ingress.options(**config.ingress.serve_options(INGRESS_MAX_ONGOING))
     return ingress.bind(router.bind(config), config)

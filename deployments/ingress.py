@@ -264,7 +264,8 @@ class Ingress:
         """The transport-neutral core of a chat request (HTTP chat completions, the Responses API and
         gRPC Chat all come through here): validate, render, constrain, and start one router stream
         per choice. Raises APIError for anything the client must be told before streaming starts.
-        `session` names the conversation (for router-replica affinity: its KV prefix lives there)."""
+        `session` names the conversation (for router-replica affinity: its KV prefix lives there);
+        default: the body's `prompt_cache_key`."""
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -280,6 +281,7 @@ class Ingress:
         choices = [_Choice(i, self.chat.parser(body, rendered.text), body.include_reasoning, body.parallel_tool_calls)
                    for i in range(body.n)]
         request_id = request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        session = session or body.prompt_cache_key
         streams = await self._start([rendered.token_ids] * body.n, params, request_id, tenant, session)
         return ChatRun(request_id, choices, streams, rendered, tenant)
 
@@ -358,7 +360,7 @@ class Ingress:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         token_prompts = [p for p in prompts for _ in range(body.n)]
         choices = [_Choice(i) for i in range(len(token_prompts))]
-        streams = await self._start(token_prompts, params, request_id, tenant_of(request))
+        streams = await self._start(token_prompts, params, request_id, tenant_of(request), body.prompt_cache_key)
         echo = [self.tokenizer.decode(p) if body.echo else "" for p in token_prompts]
         if body.stream:
             return StreamingResponse(self._completion_chunks(body, request_id, choices, streams, echo,
@@ -453,7 +455,7 @@ class Ingress:
                 choice_params = params if params.seed is None or i == 0 else \
                     dataclasses.replace(params, seed=params.seed + i)
                 stream = self.router.options(stream=True).generate.remote(prompt, choice_params, f"{request_id}-{i}",
-                                                                        tenant.name, session)
+                                                                        tenant.name, session=session)
                 streams.append((stream, None))
             started = []
             for stream, _ in streams:

@@ -63,6 +63,9 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # Requests with the same key go to the same router replica, whose prefix cache holds what they
+    # share (a conversation's earlier turns): as OpenAI uses it to route to its caches.
+    prompt_cache_key: str | None = Field(None, min_length=1, max_length=1024)
     # extensions (vLLM)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)

@@ -42,11 +42,12 @@ class Router:
         self.active: set[str] = set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, tenant: str = DEFAULT_TENANT,
+                       request_id: str, tenant: str = DEFAULT_TENANT, *,
                        session: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs. Cancelling the call (a client that left) aborts it.
         `tenant` is the request's tenant name (fair share, metrics labels); `session` the
-        conversation it continues, which Serve's request router uses to pick this replica."""
+        conversation it continues, which the request router (deployments/affinity.py) reads to
+        pick this replica: keyword only, since a request router sees keywords by name."""
         if len(self.active) >= self.capacity:
             raise RouterBusyError(f"the router replica is at capacity ({self.capacity} requests: "
                                   f"{self.config.engine.max_num_seqs} running, "
@@ -69,11 +70,15 @@ class Router:
                 "expert_groups": self.config.experts.groups, "transport": self.config.experts.transport}
 
     def stats(self) -> dict:
-        """Load and KV-cache occupancy of this replica (tests and operators read it)."""
+        """Load, KV-cache occupancy and prefix-cache counts (prompt tokens looked up and found,
+        since start) of this replica, which `replica` names (tests and operators read it)."""
         blocks = self.engine.block_manager
-        return {"active_requests": len(self.active), "engine_requests": len(self.engine.requests),
+        prefix_cache = self.engine.prefix_cache_stats
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "active_requests": len(self.active), "engine_requests": len(self.engine.requests),
                 "free_kv_blocks": blocks.num_free_blocks, "total_kv_blocks": blocks.num_blocks,
-                "capacity": self.capacity}
+                "capacity": self.capacity, "prefix_cache_queries": prefix_cache.queries,
+                "prefix_cache_hits": prefix_cache.hits}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a dead engine thread makes the replica restart."""
