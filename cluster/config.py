@@ -201,5 +201,5 @@ class ClusterConfig(_Section):
             enable_prefix_caching=e.enable_prefix_caching,
             expert_groups=x.groups, transport=x.transport, expert_assignment=x.assignment,
             routing_counts=x.routing_counts, placement_strategy=x.placement_strategy, overlap=x.overlap,
-            expert_group_timeout_s=x.group_timeout_s,
+            expert_group_timeout_s=x.group_timeout_s, served_model_name=m.served_id,
         )

@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
 from deployments.chat import ChatFormat
+from deployments.metrics import HTTPMetrics, IngressMetrics
 from deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from deployments.router import RouterBusyError
 from deployments.tenants import ANONYMOUS, Tenant, tenant_of
@@ -171,6 +172,10 @@ def _sse(payload: dict | str) -> str:
 
 # -- the deployment ----------------------------------------------------------------------------------
 
+# Last before serve.ingress freezes the app: the outermost middleware, it counts every answer.
+app.add_middleware(HTTPMetrics)
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -187,6 +192,7 @@ class Ingress:
         self.defaults = self._generation_defaults()
         self.created = int(time.time())
         self._router_info: dict | None = None
+        self.metrics = IngressMetrics(self.model_id)       # HTTPMetrics finds it here
 
     def _generation_defaults(self) -> dict:
         """Sampling defaults the checkpoint recommends (generation_config.json), as vLLM applies them."""

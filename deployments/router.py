@@ -13,6 +13,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from cluster.config import ClusterConfig
+from deployments.metrics import EngineMetrics, RouterMetrics
 from deployments.tenants import DEFAULT_TENANT
 from router.async_engine import AsyncEngine
 from router.engine import Engine, RequestOutput
@@ -40,6 +41,8 @@ class Router:
         self.async_engine = AsyncEngine(self.engine)
         self.capacity = config.engine.capacity
         self.active: set[str] = set()
+        self.metrics = RouterMetrics(config.model.served_id)
+        self.engine_metrics = EngineMetrics(self.engine, config.model.served_id)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, tenant: str = DEFAULT_TENANT, *,
@@ -54,10 +57,19 @@ class Router:
                                   f"{self.config.engine.max_queued_requests} queued); retry later",
                                   self.config.engine.retry_after_s)
         self.active.add(request_id)
+        metrics = self.metrics.request(tenant)
         try:
             async for output in self.async_engine.generate(prompt_token_ids, params, request_id=request_id):
+                metrics.output(output)
                 yield output
+        except ValueError:              # refused before it started: the ingress answers 400
+            metrics.end(None)
+            raise
+        except Exception:
+            metrics.end("error")
+            raise
         finally:
+            metrics.end("abort")        # no-op when it finished; else the caller left
             self.active.discard(request_id)
 
     def info(self) -> dict:
@@ -86,6 +98,9 @@ class Router:
             raise RuntimeError("the engine loop has stopped")
 
     def __del__(self):
+        engine_metrics = getattr(self, "engine_metrics", None)
+        if engine_metrics is not None:
+            engine_metrics.close()
         async_engine = getattr(self, "async_engine", None)
         if async_engine is not None:
             async_engine.shutdown()

@@ -23,12 +23,14 @@ import datetime
 import logging
 import os
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
 import torch
 
 from experts.bank import ExpertBank
+from experts.metrics import GroupMetrics
 from models.registry import load_config
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class ExpertGroup:
     """One slice of the experts. Plain class; `spawn` runs it as Ray actors."""
 
     def __init__(self, model_dir: str, group: int, expert_ids: list[int], *, dtype: str, device: str,
-                 serve_grpc: bool = False, num_threads: int | None = None):
+                 serve_grpc: bool = False, num_threads: int | None = None, model_name: str | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.group = group
@@ -87,6 +89,7 @@ class ExpertGroup:
         self.bank = ExpertBank.load(self.family, self.config, model_dir, expert_ids,
                                     dtype=self.dtype, device=self.device)
         self.expert_ids = list(expert_ids)
+        self.metrics = GroupMetrics.in_ray(model_name or Path(model_dir).name, group)
         self._generation = 0
         self._serving: threading.Thread | None = None
         self._pg = None
@@ -106,7 +109,8 @@ class ExpertGroup:
     @classmethod
     def spawn(cls, model_dir: str | Path, assignment: list[list[int]], *, dtype: torch.dtype,
               use_gpu: bool, serve_grpc: bool, strategy: str = "PACK", cpus_per_group: float = 1,
-              threads: int | None = None, max_restarts: int = 3, ready_timeout_s: float = 600):
+              threads: int | None = None, max_restarts: int = 3, ready_timeout_s: float = 600,
+              model_name: str | None = None):
         """Start one actor per group, each in its own bundle of one placement group.
 
         -> (placement group, actor handles). Blocks until every group has loaded its experts.
@@ -135,7 +139,8 @@ class ExpertGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=g),
             ).remote(str(model_dir), g, experts, dtype=str(dtype).removeprefix("torch."),
                      device="cuda" if use_gpu else "cpu", serve_grpc=serve_grpc,
-                     num_threads=None if use_gpu else threads or max(int(cpus_per_group), 1)))
+                     num_threads=None if use_gpu else threads or max(int(cpus_per_group), 1),
+                     model_name=model_name))
         try:
             ray.get([a.ready.remote() for a in actors], timeout=ready_timeout_s)
         except Exception:
@@ -201,6 +206,7 @@ class ExpertGroup:
                 nbytes = n * top_k * 4 + n * config.hidden_size * self.dtype.itemsize
                 payload = torch.empty(nbytes, dtype=torch.uint8, device=comm)
                 pg.recv([payload], 0, TAG).wait()
+                start = time.perf_counter()
                 expert_ids, hidden = unpack(payload, n, top_k, config.hidden_size, self.dtype)
                 if op == OP_ECHO:
                     rows = len(self.bank.held_slot_order(layer, expert_ids))
@@ -208,6 +214,8 @@ class ExpertGroup:
                 else:
                     outputs = self.bank.expert_outputs(layer, hidden.to(self.device), expert_ids.to(self.device))
                 pg.send([outputs.to(comm).contiguous()], 0, TAG).wait()
+                if self.metrics is not None:
+                    self.metrics.served(len(outputs), time.perf_counter() - start)
         except Exception as error:  # the router went away or re-formed the group: wait for the next join
             if self._generation == generation:
                 log.warning("expert group %d left process group %d: %s", self.group, generation, error)
@@ -264,6 +272,7 @@ class _ExpertServicer:
 
         from protos import expert_transport_pb2 as pb
 
+        start = time.perf_counter()
         try:
             hidden = tensor_from_proto(request.hidden)
             expert_ids = tensor_from_proto(request.expert_ids).long()
@@ -276,7 +285,10 @@ class _ExpertServicer:
                 outputs = self.group.dispatch(request.layer, hidden, expert_ids)
         except (ValueError, RuntimeError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return pb.DispatchReply(outputs=tensor_to_proto(outputs))
+        reply = pb.DispatchReply(outputs=tensor_to_proto(outputs))
+        if self.group.metrics is not None:
+            self.group.metrics.served(len(outputs), time.perf_counter() - start)
+        return reply
 
     def Info(self, request, context):
         from protos import expert_transport_pb2 as pb

@@ -76,6 +76,7 @@ class EngineConfig:
     # bit-identical results with an in-process run need the same count as that process.
     expert_group_threads: int | None = None
     routing_counts: str | None = None      # JSON of measured routing counts, for expert_assignment "balanced"
+    served_model_name: str | None = None   # the `model` label of metrics (default: the checkpoint's directory name)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -102,6 +103,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_time: float | None = None        # seconds from arrival to its first step; None while still queued
 
     @property
     def finished(self) -> bool:
@@ -236,6 +238,10 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        now = time.monotonic()
+        for item in batch:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
         logits, sampled = self._execute(batch)                             # [S, V]
         self.scheduler.after_step(batch)
         requests = [self.requests[item.seq.request_id] for item in sampled]
@@ -309,8 +315,9 @@ class Engine:
 
     def _output(self, request: _Request, token_ids, text, finish, logprobs=None) -> RequestOutput:
         seq = request.seq
+        queued = None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time
         return RequestOutput(seq.request_id, token_ids, text, finish, logprobs, seq.num_prompt_tokens,
-                             len(seq.output_token_ids), seq.num_cached_tokens)
+                             len(seq.output_token_ids), seq.num_cached_tokens, queued)
 
     # -- run to completion --------------------------------------------------------------------
 

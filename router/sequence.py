@@ -25,6 +25,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None   # its first step began (the end of its queue time)
     first_token_time: float | None = None
     tenant: str | None = None
 

@@ -24,6 +24,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -60,6 +61,8 @@ class DispatchStats:
     latency_buckets: list[int] = field(default_factory=list)      # round trips per LATENCY_BUCKETS bucket (+Inf last)
     latency_sum: float = 0.0
     latency_count: int = 0
+    # Called on the engine thread with each round trip's seconds (the metrics exporter's histogram).
+    on_latency: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.tokens_routed = [0] * self.num_groups
@@ -78,6 +81,8 @@ class DispatchStats:
         self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
         self.latency_count += 1
+        if self.on_latency is not None:
+            self.on_latency(seconds)
 
     def mean_imbalance(self) -> dict[int, float]:
         return {layer: self.imbalance_sum[layer] / n for layer, n in self.imbalance_steps.items()}
@@ -440,7 +445,8 @@ def build_transport(config, family, model_config, model_dir, *, dtype: torch.dty
     pg, actors = ExpertGroup.spawn(model_dir, assignment, dtype=dtype, use_gpu=use_gpu,
                                    serve_grpc=config.transport == "grpc", strategy=config.placement_strategy,
                                    cpus_per_group=config.expert_group_cpus, threads=config.expert_group_threads,
-                                   max_restarts=config.expert_group_max_restarts)
+                                   max_restarts=config.expert_group_max_restarts,
+                                   model_name=config.served_model_name or Path(model_dir).name)
     try:
         if config.transport == "collective":
             return CollectiveTransport(model_config.num_experts, assignment, actors, top_k=model_config.top_k,
