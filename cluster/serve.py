@@ -30,6 +30,16 @@ def http_address(config: ClusterConfig) -> tuple[str, int]:
         return config.http.host, config.http.port
 
 
+def metrics_urls() -> list[str]:
+    """Where Prometheus scrapes the cluster: each live Ray node's metrics export port, which serves
+    Ray's, Serve's and expertmesh's metrics of that node's processes (`ray_expertmesh_*`; the port
+    the Helm chart names `metrics`). A local Ray started here picks a free port."""
+    import ray
+
+    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes() if node["Alive"] and node.get("MetricsExportPort")]
+
+
 def urls(config: ClusterConfig, address: tuple[str, int] | None = None) -> dict[str, str]:
     host, port = address or (config.http.host, config.http.port)
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -55,6 +65,10 @@ def run(config_path: Path | None, *, block: bool = True) -> int:
     links = urls(config, http_address(config))
     print(f"expertmesh: serving {config.model.served_id} — OpenAI API at {links['openai']}")
     print(f"  health {links['health']}   ready {links['ready']}")
+    scrape = metrics_urls()
+    if scrape:
+        more = f" (and {len(scrape) - 1} more Ray nodes, each its own)" if len(scrape) > 1 else ""
+        print(f"  metrics (Prometheus) {scrape[0]}{more}")
     print(f"  curl {links['openai']}/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{config.model.served_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     print("Ctrl-C to stop.", flush=True)

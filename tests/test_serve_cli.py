@@ -1,5 +1,5 @@
 """`expertmesh serve --config FILE` as a user runs it: it joins the cluster in RAY_ADDRESS, deploys,
-prints the OpenAI base URL, answers there, and stops cleanly on Ctrl-C."""
+prints the OpenAI base URL and where metrics are scraped, answers there, and stops cleanly on Ctrl-C."""
 from __future__ import annotations
 
 import json
@@ -35,6 +35,17 @@ def test_serve_command_deploys_prints_urls_and_stops_on_ctrl_c(serve_url, tmp_pa
         assert base == f"{serve_url}/cli/v1"              # the running proxy's port, not the config's
         with urllib.request.urlopen(base + "/models", timeout=60) as response:
             assert [m["id"] for m in json.loads(response.read())["data"]] == ["tiny-cli"]
+        printed = [line]
+        while printed[-1] and "Ctrl-C to stop" not in printed[-1]:
+            printed.append(process.stdout.readline())
+        scrape = next(p.split()[2] for p in printed if p.strip().startswith("metrics (Prometheus)"))
+        deadline, served = time.monotonic() + 60, []
+        while not served and time.monotonic() < deadline:                  # Ray reports each second
+            with urllib.request.urlopen(scrape, timeout=60) as response:      # Ray's node metrics port
+                served = [s for s in response.read().decode().splitlines()
+                          if s.startswith("ray_expertmesh_http_requests_total{") and 'model="tiny-cli"' in s]
+            time.sleep(0.5)
+        assert served                                                        # the /models call above
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
