@@ -436,6 +436,11 @@ class Ingress:
     def _sampling_params(self, body, max_tokens: int, *, logprobs: int | None, grammar: str | None = None,
                          skip_special_tokens: bool = True) -> SamplingParams:
         pick = lambda value, key, fallback: value if value is not None else self.defaults.get(key, fallback)  # noqa: E731
+        logit_bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        vocab = (self._router_info or {}).get("vocab_size")
+        if vocab is not None and any(t >= vocab for t in logit_bias):
+            raise APIError(400, f"logit_bias names token {max(logit_bias)}, but the vocabulary has {vocab} "
+                                f"tokens (ids 0..{vocab - 1})", param="logit_bias")
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=pick(body.temperature, "temperature", 1.0),
@@ -446,7 +451,7 @@ class Ingress:
                 stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
                 min_tokens=min(body.min_tokens, max_tokens), logprobs=logprobs,
                 include_stop_str_in_output=body.include_stop_str_in_output,
-                skip_special_tokens=skip_special_tokens, grammar=grammar)
+                skip_special_tokens=skip_special_tokens, grammar=grammar, logit_bias=logit_bias)
         except ValueError as error:
             raise APIError(400, str(error)) from None
 

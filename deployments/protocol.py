@@ -78,8 +78,12 @@ class _Sampling(_Body):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
+        """OpenAI's shape: token ids (as JSON object keys, so strings) to a bias in [-100, 100]."""
+        for key, bias in (value or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{key}] must be in [-100, 100], got {bias}")
         return value
 
     @field_validator("stop")

@@ -48,6 +48,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None     # None = off; 0 = chosen token only; k = also the top k (at most 20)
     include_stop_str_in_output: bool = False
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before sampling.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Output decoding and constraints, set by the ingress (see router/constraints.py).
     skip_special_tokens: bool = True    # False keeps control tokens in the text (harmony's <|channel|>, ...)
     grammar: str | None = None          # an llguidance grammar the output must follow
@@ -85,6 +87,15 @@ class SamplingParams:
         for t in stop_token_ids:
             _check_int("stop_token_ids", t, low=0, allowed="token ids >= 0")
         object.__setattr__(self, "stop_token_ids", stop_token_ids)
+        items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else tuple(self.logit_bias or ())
+        bias = []
+        for item in items:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"logit_bias must map token ids to biases, got {item!r}")
+            _check_int("logit_bias token id", item[0], low=0, allowed="a token id >= 0")
+            _check_real(f"logit_bias[{item[0]}]", item[1], lambda b: -100 <= b <= 100, "in [-100, 100]")
+            bias.append((item[0], float(item[1])))
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias)))
 
     @property
     def greedy(self) -> bool:
@@ -273,6 +284,7 @@ class Sampler:
         self._apply_allowed_masks(logits, allowed_masks)
         self._apply_min_tokens(logits, states)
         self._apply_penalties(logits, states)
+        self._apply_logit_bias(logits, states)
 
         sampled_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled_rows:
@@ -304,7 +316,7 @@ class Sampler:
                                           or any(m is not None for m in allowed_masks)):
             return False
         return all(s.params.greedy and not _has_penalties(s.params) and not s.needs_min_tokens_ban
-                   for s in states)
+                   and not s.params.logit_bias for s in states)
 
     @staticmethod
     def _apply_allowed_masks(logits: torch.Tensor, allowed_masks) -> None:
@@ -372,6 +384,25 @@ class Sampler:
             presence = torch.tensor([states[i].params.presence_penalty for i in rows], device=device)
             rows_t = torch.tensor(rows, device=device)
             logits[rows_t] = apply_frequency_presence_penalties(logits[rows_t], counts, frequency, presence)
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
+        """Add each request's logit_bias to its row (a token the mask or min_tokens removed stays out)."""
+        rows = [i for i, s in enumerate(states) if s.params.logit_bias]
+        if not rows:
+            return
+        vocab = logits.shape[1]
+        row_ids, token_ids, biases = [], [], []
+        for i in rows:
+            for token_id, bias in states[i].params.logit_bias:
+                if token_id >= vocab:
+                    raise ValueError(f"logit_bias names token {token_id}, outside the vocabulary of {vocab}")
+                row_ids.append(i)
+                token_ids.append(token_id)
+                biases.append(bias)
+        device = logits.device
+        logits.index_put_((torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)),
+                          torch.tensor(biases, device=device), accumulate=True)
 
     @staticmethod
     def _warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

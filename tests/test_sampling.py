@@ -171,3 +171,33 @@ def test_padded_vocabulary_columns_are_never_sampled():
     result = Sampler(V).sample(logits, _states([SamplingParams(temperature=0, logprobs=0)]))[0]
     assert result.token_id < V
     assert result.logprob.logprob == pytest.approx(-math.log(V), abs=1e-5)
+
+
+def test_logit_bias_is_added_before_sampling_like_openai():
+    """+100 forces a token, -100 bans one, a bias shifts the distribution exactly by its value;
+    a masked-out token stays out whatever its bias."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, V)
+    top = int(logits[1].argmax())
+    params = [SamplingParams(temperature=0, logit_bias={7: 100}),
+              SamplingParams(temperature=0, logit_bias={top: -100}),
+              SamplingParams(temperature=1.0, logit_bias={3: 2.5, 4: -1.0})]
+    states = _states(params)
+    chosen = [r.token_id for r in Sampler(V).sample(logits.clone(), states)]
+    assert chosen[0] == 7
+    assert chosen[1] != top and chosen[1] == int(logits[1].clone().index_fill_(0, torch.tensor([top]), -1e9).argmax())
+    processed = Sampler(V).processed_logits(logits.clone(), states)
+    expected = logits[2].clone()
+    expected[3] += 2.5
+    expected[4] -= 1.0
+    assert torch.allclose(processed[2], expected)
+    mask = torch.ones(V, dtype=torch.bool)
+    mask[7] = False
+    again = Sampler(V).sample(logits[:1].clone(), _states(params[:1]), [mask])
+    assert again[0].token_id != 7
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {5: 101}, {-1: 1}, [(1, 2, 3)]])
+def test_bad_logit_bias_is_a_clear_error(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)

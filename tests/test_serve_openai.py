@@ -156,6 +156,18 @@ def test_errors_have_openai_bodies_and_statuses(client):
         client.chat.completions.create(model=MODEL, messages=HELLO, top_logprobs=2)
 
 
+def test_logit_bias_forces_a_token_and_bad_biases_are_400s(client):
+    import quicktok      # the checkpoint has no tokenizer files: it speaks quicktok's qwen3 encoding
+
+    forced = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                       logit_bias={"42": 100})
+    assert forced.choices[0].text == quicktok.get_encoding("qwen3").decode([42] * 4)
+    with pytest.raises(openai.BadRequestError, match="logit_bias names token 10000000"):
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, logit_bias={"10000000": 5})
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias\[5\] must be in \[-100, 100\]"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1, logit_bias={"5": 500})
+
+
 def test_context_too_long_names_both_counts_unless_truncation_is_asked(client):
     history = [{"role": "system", "content": "Be brief."}]
     for i in range(30):
