@@ -10,6 +10,7 @@ onto `ClusterConfig`. Every field has a description; unknown fields are errors.
     ingress:     Serve options of the OpenAI HTTP deployment (replicas, autoscaling, resources)
     router:      Serve options of the router deployment (one engine per replica), session affinity
     http:        where Serve's HTTP proxy listens (used by `expertmesh serve`)
+    sessions:    the Responses API's store (SQLite, PostgreSQL) and long-conversation policy
 
 Tenants and session stores get their sections with the issue that implements them.
 """
@@ -145,6 +146,38 @@ class HttpSection(_Section):
         return value
 
 
+class SessionsSection(_Section):
+    store: Literal["auto", "sqlite", "postgresql"] = Field("auto", description=(
+        "Where the Responses API keeps responses and conversations: 'sqlite' (a file under data_dir; "
+        "one machine), 'postgresql' (a server every ingress replica shares), or 'auto': postgresql "
+        "when a store URL is given (store_url or $EXPERTMESH_SESSION_STORE_URL), else sqlite."))
+    store_url: str | None = Field(None, description=(
+        "postgresql://user:password@host:5432/db of the shared store. Default: "
+        "$EXPERTMESH_SESSION_STORE_URL (the Helm chart sets it from a Secret)."))
+    data_dir: str | None = Field(None, description=(
+        "Directory of the SQLite store (created on demand). Default: $EXPERTMESH_DATA_DIR, else "
+        "~/.local/share/expertmesh."))
+    context_policy: Literal["error", "truncate", "summarize"] = Field("error", description=(
+        "When a conversation outgrows the context: 'error' answers 400 with both token counts; "
+        "'truncate' drops the oldest turns; 'summarize' has the model condense the oldest turns into "
+        "a note stored with the conversation. Instructions and the latest turns always stay. A "
+        "request's truncation 'auto' asks for truncate (or summarize, when configured); 'disabled' for error."))
+    keep_turns: int = Field(2, ge=0, description=(
+        "Earlier turns kept verbatim when truncate or summarize shortens a conversation (fewer when "
+        "even those do not fit); the current turn always stays."))
+    summary_max_tokens: int = Field(256, ge=8, description="Length limit of the note 'summarize' writes")
+    reserved_output_tokens: int = Field(256, ge=1, description=(
+        "Room kept for the answer when a request sets no max_output_tokens and the policy decides "
+        "whether the conversation still fits."))
+
+    @field_validator("store_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store_url must be a postgresql:// URL (SQLite is configured with data_dir)")
+        return value
+
+
 class ClusterConfig(_Section):
     name: str = Field("expertmesh", description="The Serve application's name")
     model: ModelSection = Field(default_factory=ModelSection)
@@ -153,6 +186,7 @@ class ClusterConfig(_Section):
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     router: RouterSection = Field(default_factory=RouterSection)
     http: HttpSection = Field(default_factory=HttpSection)
+    sessions: SessionsSection = Field(default_factory=SessionsSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":

