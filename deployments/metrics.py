@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
+from typing import Iterable
 
 from deployments.tenants import DEFAULT_TENANT
 from router.engine import Engine, RequestOutput
@@ -44,6 +45,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 ENGINE_METRICS_INTERVAL_S = 1.0
+NO_TENANT = "-"          # the `tenant` of an HTTP request no tenant was resolved for (tenant names start alphanumeric)
 
 
 def _counter(name: str, description: str, model: str, *tags: str):
@@ -148,7 +150,8 @@ class EngineMetrics:
     `DispatchStats.on_latency` hook, on the engine thread.
     """
 
-    def __init__(self, engine: Engine, model: str, interval_s: float = ENGINE_METRICS_INTERVAL_S):
+    def __init__(self, engine: Engine, model: str, *, tenants: Iterable[str] = (),
+                 interval_s: float = ENGINE_METRICS_INTERVAL_S):
         self.engine = engine
         self.interval_s = interval_s
         self.running = _gauge("expertmesh_num_requests_running", "Requests in the engine's running batch.",
@@ -187,7 +190,7 @@ class EngineMetrics:
         self._seen = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0,
                       "group_tokens": [0] * stats.num_groups, "group_restarts": [0] * stats.num_groups,
                       "imbalance_sum": {}, "imbalance_steps": {}}
-        self._tenants: set[str] = set()
+        self._tenants = set(tenants)       # known tenants read 0 from the start; others once seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="expertmesh-metrics", daemon=True)
         self._thread.start()
@@ -263,8 +266,8 @@ class IngressMetrics:
             model, "tenant", "limit")
 
     def rate_limited(self, tenant: str, limit: str) -> None:
-        """Count a request refused for its tenant's `limit` (requests_per_minute, tokens_per_minute,
-        concurrent_streams, ...: the config field's name)."""
+        """Count a request refused for its tenant's `limit`: the config field's name
+        (requests_per_minute, tokens_per_minute, max_concurrent_streams)."""
         self.rate_limit_rejections.inc(1, {"tenant": tenant, "limit": limit})
 
 
@@ -281,10 +284,35 @@ def _replica_ingress_metrics() -> IngressMetrics | None:
     return metrics if isinstance(metrics, IngressMetrics) else None
 
 
+def _route_template(scope) -> str:
+    """The path template of the route a request asked for (`/v1/models/{model_id:path}`), also for
+    one refused before routing (a 401); `unmatched` for a path the app does not serve."""
+    route = scope.get("route")
+    if route is None:
+        route = _find_route(getattr(getattr(scope.get("app"), "router", None), "routes", ()), scope)
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _find_route(routes, scope):
+    """The first route whose path matches (FastAPI keeps included routers' routes one level down)."""
+    from starlette.routing import Match
+
+    for route in routes:
+        inner = getattr(route, "routes", None) or getattr(getattr(route, "original_router", None), "routes", None)
+        if inner:
+            found = _find_route(inner, scope)
+        else:
+            found = route if hasattr(route, "path") and route.matches(scope)[0] is not Match.NONE else None
+        if found is not None:
+            return found
+    return None
+
+
 class HTTPMetrics:
     """ASGI middleware of the ingress app: counts every HTTP request by route template (never the
-    raw path), method, status and tenant (the one the auth step resolved; `default` when none was).
-    Added last, it is the outermost middleware, so requests an inner one refuses count too."""
+    raw path), method, status and tenant: the one authentication resolved, or `-` where none was
+    (a 401, the open /health and /ready; `-` is no tenant's name). Added last, it is the outermost
+    middleware, so the requests an inner one refuses count too."""
 
     def __init__(self, app):
         self.app = app
@@ -305,7 +333,7 @@ class HTTPMetrics:
         finally:
             metrics = _replica_ingress_metrics()
             if metrics is not None:
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                tenant = getattr((scope.get("state") or {}).get("tenant"), "name", DEFAULT_TENANT)
+                route = _route_template(scope)
+                tenant = getattr((scope.get("state") or {}).get("tenant"), "name", NO_TENANT)
                 metrics.http_requests.inc(1, {"tenant": tenant, "route": route, "method": scope["method"],
                                               "status": str(status)})
