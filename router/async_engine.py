@@ -35,8 +35,10 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, *,
-                       request_id: str | None = None, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of one request. Leaving the iteration early aborts it."""
+                       request_id: str | None = None, tenant: str | None = None,
+                       weight: float = 1.0) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request. Leaving the iteration early aborts it. `tenant` and
+        its `weight` set its place in the waiting queue (weighted fair share across tenants)."""
         if self._stopped.is_set():
             raise EngineDeadError("the engine has shut down")
         self.engine.validate(prompt_token_ids, params)          # bad input fails here, in the caller
@@ -45,7 +47,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_token_ids), params, tenant))
+        self._send(("add", request_id, list(prompt_token_ids), params, tenant, weight))
         finished = False
         try:
             while not finished:
@@ -89,9 +91,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, request_id, prompt, params, tenant = command
+                _, request_id, prompt, params, tenant, weight = command
                 try:
-                    self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant)
+                    self.engine.add_request(prompt, params, request_id=request_id, tenant=tenant, weight=weight)
                 except ValueError as error:
                     self._deliver(request_id, error)
             else:

@@ -202,7 +202,8 @@ class Engine:
                 f"{total} tokens exceed the model's context of {self.max_model_len}")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *,
-                    request_id: str | None = None, tenant: str | None = None) -> str:
+                    request_id: str | None = None, tenant: str | None = None, weight: float = 1.0) -> str:
+        """Queue a request. Requests of different tenants share the engine by `weight` (router/scheduler.py)."""
         self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -219,7 +220,7 @@ class Engine:
             stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None,
             constraint=constraint,
         )
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, weight)
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
