@@ -10,12 +10,14 @@ onto `ClusterConfig`. Every field has a description; unknown fields are errors.
     ingress:     Serve options of the OpenAI HTTP deployment (replicas, autoscaling, resources)
     router:      Serve options of the router deployment (one engine per replica), session affinity
     http:        where Serve's HTTP proxy listens (used by `expertmesh serve`)
+    grpc:        Serve's gRPC proxy with the public gRPC API: port, reflection (`expertmesh serve`, Helm)
+    tenants:     API keys (hashed), fair-share weights and limits of each tenant; none: an open service
     sessions:    the Responses API's store (SQLite, PostgreSQL) and long-conversation policy
-
-Tenants and session stores get their sections with the issue that implements them.
+    tools:       server-side tools (MCP servers, webhooks) the service calls for the model; per tenant too
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +148,29 @@ class HttpSection(_Section):
         return value
 
 
+class GrpcSection(_Section):
+    enabled: bool = Field(True, description=(
+        "Start Serve's gRPC proxy with the public gRPC API (expertmesh.v1.Inference, "
+        "protos/expertmesh.proto) next to the HTTP one. It binds every interface (Serve's choice)."))
+    port: int = Field(9000, ge=1, le=65535, description="Port of Serve's gRPC proxy")
+    reflection: bool = Field(True, description=(
+        "gRPC server reflection, so grpcurl and grpcui can list and call the API without the .proto file"))
+    request_timeout_s: float | None = Field(None, gt=0, description=(
+        "End-to-end limit of one gRPC call in Serve's proxy (DEADLINE_EXCEEDED past it); unset: none"))
+
+    def serve_options(self) -> dict[str, Any] | None:
+        """Serve's `grpc_options` (serve.start, a Serve config's grpc_options); None when disabled."""
+        if not self.enabled:
+            return None
+        from deployments.grpc_api import SERVICER_FUNCTION
+
+        options: dict[str, Any] = {"port": self.port, "grpc_servicer_functions": [SERVICER_FUNCTION],
+                                   "enable_reflection": self.reflection}
+        if self.request_timeout_s is not None:
+            options["request_timeout_s"] = self.request_timeout_s
+        return options
+
+
 class SessionsSection(_Section):
     store: Literal["auto", "sqlite", "postgresql"] = Field("auto", description=(
         "Where the Responses API keeps responses and conversations: 'sqlite' (a file under data_dir; "
@@ -178,7 +203,168 @@ class SessionsSection(_Section):
         return value
 
 
+TOOL_NAME = r"^[A-Za-z0-9_\-]{1,64}$"          # a function name every chat format can carry
+SERVER_LABEL = r"^[A-Za-z0-9_\-]{1,64}$"
+WEBHOOK_LABEL = "webhook"                      # the server_label webhook calls are reported under
+
+
+def _http_url(value: str, what: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Not echoed: a URL may carry a credential in its query.
+        raise ValueError(f"{what} must be an http:// or https:// URL with a host")
+    return value
+
+
+class SecretHeaders(_Section):
+    env: str | None = Field(None, description=(
+        "Environment variable holding the headers: a JSON object of header name -> value, e.g. "
+        "{\"Authorization\": \"Bearer ...\"}"))
+    file: str | None = Field(None, description=(
+        "File holding the headers as that JSON object (a mounted Kubernetes Secret); read on each use, "
+        "so a rotated secret applies without a restart"))
+
+    @model_validator(mode="after")
+    def _one(self) -> "SecretHeaders":
+        if (self.env is None) == (self.file is None):
+            raise ValueError("headers_from_secret names exactly one of env (a variable) or file (a path)")
+        return self
+
+
+class McpServerConfig(_Section):
+    server_label: str = Field(pattern=SERVER_LABEL, description=(
+        "The server's name in mcp_call and mcp_list_tools items (as OpenAI's `server_label`)"))
+    server_url: str = Field(description="The MCP server's streamable HTTP endpoint, e.g. https://host/mcp")
+    allowed_tools: list[str] | None = Field(None, description=(
+        "The server's tools the model may call; null: every tool it lists"))
+    headers_from_secret: SecretHeaders | None = Field(None, description=(
+        "Headers sent with every request to the server (credentials), from a secret; never logged"))
+    timeout_s: float = Field(30.0, gt=0, description=(
+        "Limit of one tool call (connecting included); past it the model gets a timeout error as the result"))
+
+    @field_validator("server_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value, "server_url")
+
+    @field_validator("server_label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        if value == WEBHOOK_LABEL:
+            raise ValueError(f"server_label {WEBHOOK_LABEL!r} is where webhook calls are reported; "
+                             "name the MCP server otherwise")
+        return value
+
+
+class WebhookTool(_Section):
+    name: str = Field(pattern=TOOL_NAME, description="The function name the model calls")
+    description: str = Field("", description="What the tool does, for the model")
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description=(
+        "JSON schema of the arguments; a call whose arguments do not validate is answered with an "
+        "error, not sent"))
+    url: str = Field(description="Where the arguments are POSTed as JSON; the response body is the tool's output")
+    timeout_s: float = Field(30.0, gt=0, description="Limit of one call; past it the model gets a timeout error")
+    headers_from_secret: SecretHeaders | None = Field(None, description=(
+        "Headers sent with every call (credentials), from a secret; never logged"))
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value, "url")
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as error:
+            raise ValueError(f"parameters is not a valid JSON schema: {error.message}") from None
+        if value.get("type", "object") != "object":
+            raise ValueError("parameters must describe an object (\"type\": \"object\"): a call's arguments are one")
+        return value
+
+
+class ToolsSection(_Section):
+    mcp_servers: list[McpServerConfig] = Field(default_factory=list, description=(
+        "MCP servers (streamable HTTP) whose tools every request may use; the service lists and calls them"))
+    webhooks: list[WebhookTool] = Field(default_factory=list, description=(
+        "Function tools the service runs by POSTing the arguments to a URL"))
+    allowed_mcp_hosts: list[str] = Field(default_factory=list, description=(
+        "Hosts ('host' for any port, or 'host:port') of the MCP servers a Responses API request may name "
+        "itself ({\"type\": \"mcp\", \"server_url\": ...}); empty: requests may name none (a 400)"))
+    max_tool_steps: int = Field(8, ge=1, description=(
+        "Rounds of server-side tool calls one request may run; a request whose model still calls one "
+        "after the last round ends incomplete (reason max_tool_steps)"))
+    list_cache_s: float = Field(300.0, ge=0, description=(
+        "How long an MCP server's tool listing is reused before it is fetched again (also refetched "
+        "after a failed call)"))
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ToolsSection":
+        for what, names in (("mcp_servers server_label", [s.server_label for s in self.mcp_servers]),
+                            ("webhooks name", [w.name for w in self.webhooks])):
+            if duplicated := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"{what} must be unique; {', '.join(duplicated)} appear more than once")
+        for host in self.allowed_mcp_hosts:
+            if not host or "/" in host or host != host.strip():
+                raise ValueError(f"allowed_mcp_hosts entries are 'host' or 'host:port', got {host!r}")
+        return self
+
+    @property
+    def any(self) -> bool:
+        """Whether a request may end up with a server-side tool."""
+        return bool(self.mcp_servers or self.webhooks or self.allowed_mcp_hosts)
+
+
+TENANT_NAME = r"^[A-Za-z0-9][-._A-Za-z0-9]{0,62}$"   # also a file name in $EXPERTMESH_API_KEYS_DIR
+KEY_HASH = r"^sha256:[0-9a-f]{64}$"
+
+
+class TenantLimits(_Section):
+    requests_per_minute: int | None = Field(None, ge=1, description=(
+        "Requests admitted in any 60-second window, counted across all ingress replicas"))
+    tokens_per_minute: int | None = Field(None, ge=1, description=(
+        "Prompt plus completion tokens in any 60-second window, across all ingress replicas. A "
+        "request is admitted only if its prompt plus max_tokens (for every choice) fits what is "
+        "left; when it ends, that reservation is replaced by the tokens it really used."))
+    max_concurrent_streams: int | None = Field(None, ge=1, description=(
+        "Requests in flight at once (one per request, whatever its n), across all ingress replicas"))
+    max_context_tokens: int | None = Field(None, ge=1, description=(
+        "Prompt plus max_tokens of one request; more is a 400 like the model's context length "
+        "(truncation 'auto' fits a conversation into it)"))
+
+
+class TenantSpec(_Section):
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "The tenant's API keys as 'sha256:<64 hex digits>' hashes (make one with `expertmesh "
+        "hash-key`), never the keys themselves. More keys come from $EXPERTMESH_API_KEYS_DIR."))
+    weight: float = Field(1.0, gt=0, description=(
+        "Fair share of each router replica's engine when tenants compete for it: a tenant with "
+        "weight 2 is served twice the tokens of one with weight 1"))
+    limits: TenantLimits = Field(default_factory=TenantLimits, description=(
+        "requests_per_minute, tokens_per_minute, max_concurrent_streams, max_context_tokens; each "
+        "optional (unset: no limit)"))
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            if not re.match(KEY_HASH, key):
+                raise ValueError(f"api_keys[{i}] is not a key hash: write 'sha256:<64 lowercase hex "
+                                 f"digits>' (`expertmesh hash-key` prints it), never the key itself")
+        return keys
+
+
 class ClusterConfig(_Section):
+    # A plaintext API key pasted where its hash belongs must not come back in an error or a log:
+    # errors name the field and the problem, never the value (pydantic's str() would show it).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     name: str = Field("expertmesh", description="The Serve application's name")
     model: ModelSection = Field(default_factory=ModelSection)
     experts: ExpertsSection = Field(default_factory=ExpertsSection)
@@ -186,7 +372,25 @@ class ClusterConfig(_Section):
     ingress: DeploymentSection = Field(default_factory=DeploymentSection)
     router: RouterSection = Field(default_factory=RouterSection)
     http: HttpSection = Field(default_factory=HttpSection)
+    grpc: GrpcSection = Field(default_factory=GrpcSection, description=(
+        "Serve's gRPC proxy and the public gRPC API on it (used by `expertmesh serve` and the Helm chart)"))
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict, description=(
+        "Tenant name -> API key hashes, weight and limits. Empty (and no key files in "
+        "$EXPERTMESH_API_KEYS_DIR): an open service that needs no key. Otherwise every request "
+        "needs the key of a tenant."))
     sessions: SessionsSection = Field(default_factory=SessionsSection)
+    tools: ToolsSection = Field(default_factory=ToolsSection, description=(
+        "Server-side tools (MCP servers, webhooks) of requests whose tenant has no `tools` of its own, "
+        "and of an open service"))
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, tenants: dict[str, TenantSpec]) -> dict[str, TenantSpec]:
+        for name in tenants:
+            if not re.match(TENANT_NAME, name):
+                raise ValueError(f"tenant name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
+                                 f"starting with a letter or digit")
+        return tenants
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
