@@ -6,8 +6,10 @@
     expertmesh chat --model PATH_OR_NAME
     expertmesh serve [--config FILE]     (the OpenAI-compatible cluster; see cluster/serve.py)
     expertmesh convert [--model smollm2-moe] [--output DIR]
+    expertmesh hash-key [--new]          (an API key on stdin -> its sha256: hash for the config)
     expertmesh bench engine --model PATH_OR_NAME
     expertmesh bench dispatch --model PATH_OR_NAME
+    expertmesh bench affinity --model PATH_OR_NAME
 
 The `generate` contract (flags and the --json keys token_ids and text) is
 relied on from outside the project; keep it stable.
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output", type=Path, default=None,
                       help="checkpoint directory (default: the cache, $EXPERTMESH_CACHE or ~/.cache/expertmesh)")
 
+    hk = sub.add_parser("hash-key", help="print the hash of an API key (read from stdin) for tenants.NAME.api_keys",
+                        description="Reads one API key from stdin (a prompt on a terminal, so it stays out of "
+                                    "the shell's history) and prints the 'sha256:<hex>' line the config's "
+                                    "tenants.NAME.api_keys holds.")
+    hk.add_argument("--new", action="store_true", help="make a fresh random key; print it and its hash")
+
     bench = sub.add_parser("bench", help="benchmarks against a reference, measured in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     eng = bench_sub.add_parser("engine", help="the engine against transformers' generate on the same checkpoint")
@@ -102,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     disp.add_argument("--model", default="smollm2-moe")
     disp.add_argument("--dtype", default="auto")
     disp.add_argument("--quick", action="store_true", help="fewer tokens, groups and repetitions (a smoke run)")
+    aff = bench_sub.add_parser("affinity", help="prefix-cache hits of multi-turn conversations on 2 router replicas, "
+                                                "session affinity on vs off")
+    aff.add_argument("--model", default="smollm2-moe")
+    aff.add_argument("--dtype", default="auto")
+    aff.add_argument("--conversations", type=int, default=8, help="conversations, all running at once")
+    aff.add_argument("--turns", type=int, default=4, help="turns of each conversation")
+    aff.add_argument("--kv-blocks", type=int, default=2048, help="KV-cache blocks (16 tokens) of each router replica")
+    aff.add_argument("--think-s", type=float, default=2.0, help="mean pause of a user between turns (seconds)")
+    aff.add_argument("--quick", action="store_true", help="fewer and shorter conversations (a smoke run)")
     return parser
 
 
@@ -195,6 +212,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench == "affinity":
+        from bench import affinity as bench_affinity
+
+        return bench_affinity.main(model=args.model, dtype=args.dtype, conversations=args.conversations,
+                                   turns=args.turns, kv_blocks=args.kv_blocks, think_s=args.think_s,
+                                   quick=args.quick)
     if args.bench == "dispatch":
         from bench import dispatch as bench_dispatch
 
@@ -202,6 +225,26 @@ def cmd_bench(args) -> int:
     from bench import engine as bench_engine
 
     return bench_engine.main(model=args.model, dtype=args.dtype, quick=args.quick)
+
+
+def cmd_hash_key(args) -> int:
+    from deployments.tenants import hash_key, new_key
+
+    if args.new:
+        key = new_key()
+        print(f"key:  {key}\nhash: {hash_key(key)}")
+        return 0
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key: ")
+    else:
+        lines = sys.stdin.read().splitlines()
+        if len(lines) != 1:
+            raise ValueError(f"hash-key reads one API key on one line from stdin, got {len(lines)} lines")
+        key = lines[0]
+    print(hash_key(key))
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -215,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "bench": cmd_bench,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "hash-key": cmd_hash_key}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

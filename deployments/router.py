@@ -42,7 +42,8 @@ class Router:
         self.capacity = config.engine.capacity
         self.active: set[str] = set()
         self.metrics = RouterMetrics(config.model.served_id)
-        self.engine_metrics = EngineMetrics(self.engine, config.model.served_id)
+        self.engine_metrics = EngineMetrics(self.engine, config.model.served_id,
+                                            tenants=list(config.tenants) or [DEFAULT_TENANT])
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str, tenant: str = DEFAULT_TENANT, *,
@@ -59,7 +60,8 @@ class Router:
         self.active.add(request_id)
         metrics = self.metrics.request(tenant)
         try:
-            async for output in self.async_engine.generate(prompt_token_ids, params, request_id=request_id):
+            async for output in self.async_engine.generate(prompt_token_ids, params, request_id=request_id,
+                                                           tenant=tenant, weight=self._weight(tenant)):
                 metrics.output(output)
                 yield output
         except ValueError:              # refused before it started: the ingress answers 400
@@ -71,6 +73,11 @@ class Router:
         finally:
             metrics.end("abort")        # no-op when it finished; else the caller left
             self.active.discard(request_id)
+
+    def _weight(self, tenant: str) -> float:
+        """The tenant's fair share of this replica's engine (config tenants.NAME.weight; 1 when unset)."""
+        spec = self.config.tenants.get(tenant)
+        return spec.weight if spec else 1.0
 
     def info(self) -> dict:
         """What the ingress needs to validate requests before sending them here (and /ready)."""
