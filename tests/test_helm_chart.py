@@ -7,7 +7,7 @@ schema judges serveConfigV2, and its args load into cluster.config.ClusterConfig
 Serve's own application-builder call into deployments.app:build_app.
 
 Cases: the chart's defaults, the GPU production file in helm/expertmesh/ci/, a case with what the
-other two leave off (gRPC, chart-created Secrets), and values that must be rejected, readably.
+other two leave off (a gRPC port and timeout, chart-created Secrets), and values that must be rejected, readably.
 """
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ RELEASE, NAMESPACE = "demo", "llm"
 # Kinds that are not built into Kubernetes: the RayService is checked against KubeRay's CRD below.
 CUSTOM_KINDS = {"RayService", "PodMonitor"}
 
-# What the default values and the production file leave off: gRPC on, Secrets created by the chart.
+# What the default values and the production file leave off: a gRPC call timeout, Secrets created by the chart.
 EXTRAS = {
-    "grpc": {"servicerFunctions": ["protos.inference_pb2_grpc.add_InferenceServicer_to_server"],
-             "requestTimeoutS": 600},
+    "grpc": {"service": {"type": "LoadBalancer"}},
     "apiKeys": {"keys": {"team-a": "sk-team-a-0123456789", "team-b": "sk-team-b-9876543210"}},
     "sessionStore": {"url": "postgresql://expertmesh:secret@postgres.db:5432/sessions"},
-    "config": {"experts": {"transport": "grpc", "groups": 2}, "engine": {"num_kv_blocks": 4096}},
+    "config": {"experts": {"transport": "grpc", "groups": 2}, "engine": {"num_kv_blocks": 4096},
+               "grpc": {"port": 9090, "request_timeout_s": 600}},
     "metrics": {"podMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": False}},
     "expertWorkers": {"gpusPerPod": 4},
 }
@@ -328,21 +328,28 @@ def test_existing_claim_and_secrets_are_used_not_created(chart):
         "name": "expertmesh-postgres", "key": "connection-string"}
 
 
-def test_grpc_proxy_and_service(chart):
-    docs = render(chart, EXTRAS)
+@pytest.mark.parametrize("values,port", [(None, 9000), (EXTRAS, 9090)])
+def test_grpc_proxy_and_service(chart, values, port):
+    docs = render(chart, values)
     serve = serve_config(the(docs, "RayService"))
-    assert serve["grpc_options"] == {"port": 9000, "grpc_servicer_functions": EXTRAS["grpc"]["servicerFunctions"],
-                                     "enable_reflection": True, "request_timeout_s": 600}
+    # Serve's grpc_options are what `expertmesh serve` starts for the same config.
+    [app] = serve["applications"]
+    assert serve["grpc_options"] == ClusterConfig.model_validate(app["args"]).grpc.serve_options()
+    assert serve["grpc_options"]["port"] == port and serve["grpc_options"]["enable_reflection"] is True
     service = the(docs, "Service")
     assert service["spec"]["selector"]["ray.io/serve"] == "true"
-    assert service["spec"]["ports"] == [{"name": "grpc", "port": 9000, "targetPort": "grpc", "appProtocol": "grpc"}]
+    assert service["spec"]["ports"] == [{"name": "grpc", "port": port, "targetPort": "grpc", "appProtocol": "grpc"}]
     for group in worker_groups(the(docs, "RayService")).values():
         ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-        assert ports["grpc"] == 9000 and ports["serve"] == 8000 and ports["metrics"] == 8080
-    # Without servicer functions, Serve starts no gRPC proxy and nothing points at one.
-    plain = render(chart, None)
+        assert ports["grpc"] == port and ports["serve"] == 8000 and ports["metrics"] == 8080
+
+
+def test_grpc_disabled_renders_no_proxy_and_no_service(chart):
+    plain = render(chart, {"config": {"grpc": {"enabled": False}}})
     assert "grpc_options" not in serve_config(the(plain, "RayService"))
     assert not [d for d in plain if d["kind"] == "Service"]
+    for group in worker_groups(the(plain, "RayService")).values():
+        assert "grpc" not in {p["name"] for p in group["template"]["spec"]["containers"][0]["ports"]}
 
 
 def test_podmonitor_scrapes_the_ray_metrics_port(chart):

@@ -170,8 +170,8 @@ spec:
         - {name: client, containerPort: 10001}
         {{- end }}
         - {name: serve, containerPort: {{ int $v.config.http.port }}}
-        {{- if $v.grpc.servicerFunctions }}
-        - {name: grpc, containerPort: {{ int $v.grpc.port }}}
+        {{- if $v.config.grpc.enabled }}
+        - {name: grpc, containerPort: {{ int $v.config.grpc.port }}}
         {{- end }}
         - {name: metrics, containerPort: {{ int $v.metrics.port }}}
       {{- $env := list }}
