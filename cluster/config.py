@@ -349,6 +349,9 @@ class TenantSpec(_Section):
     limits: TenantLimits = Field(default_factory=TenantLimits, description=(
         "requests_per_minute, tokens_per_minute, max_concurrent_streams, max_context_tokens; each "
         "optional (unset: no limit)"))
+    tools: ToolsSection | None = Field(None, description=(
+        "The tenant's server-side tools (MCP servers, webhooks, allowed_mcp_hosts, max_tool_steps); "
+        "null: the top-level `tools`"))
 
     @field_validator("api_keys")
     @classmethod

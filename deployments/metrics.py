@@ -8,7 +8,8 @@ every name with `ray_`: `expertmesh_time_to_first_token_seconds` is scraped as
 NodeAddress, ...) besides ours.
 
     ingress replicas  `HTTPMetrics`: HTTP requests by route and status; `IngressMetrics` also holds
-                      the rate-limit rejections the tenant limits count
+                      the rate-limit rejections the tenant limits count, and the server-side tool
+                      calls (by server, tool and outcome) and their latency
     router replicas   `RequestMetrics` in `Router.generate`: time to first token, inter-token
                       latency, end-to-end latency, queue time, tokens, finish reason; `EngineMetrics`,
                       a thread reading the engine every second: running and waiting requests, KV
@@ -19,7 +20,8 @@ NodeAddress, ...) besides ours.
 Names and buckets are vLLM's where vLLM has the metric (`vllm:time_to_first_token_seconds` is our
 `expertmesh_time_to_first_token_seconds`, with the same buckets). Labels: `model` (the served model
 id) on everything, `tenant` on what one request does, and a few bounded ones (finished_reason,
-route, status, limit, expert_group, layer, transport). Nothing per request or per key.
+route, status, limit, expert_group, layer, transport; server and tool of the configured tools).
+Nothing per request or per key.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+TOOL_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 ENGINE_METRICS_INTERVAL_S = 1.0
 NO_TENANT = "-"          # the `tenant` of an HTTP request no tenant was resolved for (tenant names start alphanumeric)
@@ -264,11 +268,26 @@ class IngressMetrics:
             "expertmesh_rate_limit_rejections_total",
             "Requests refused (429) because their tenant was over a limit, by tenant and limit.",
             model, "tenant", "limit")
+        self.tool_calls = _counter(
+            "expertmesh_tool_calls_total",
+            "Server-side tool calls (MCP servers, webhooks) the ingress ran, by server, tool and outcome "
+            "(ok, error, timeout, invalid_arguments, invalid_output).", model, "tenant", "server", "tool", "outcome")
+        self.tool_latency = _histogram(
+            "expertmesh_tool_call_latency_seconds", "Seconds one server-side tool call took, whatever its outcome.",
+            TOOL_LATENCY_BUCKETS, model, "tenant", "server", "tool")
 
     def rate_limited(self, tenant: str, limit: str) -> None:
         """Count a request refused for its tenant's `limit`: the config field's name
         (requests_per_minute, tokens_per_minute, max_concurrent_streams)."""
         self.rate_limit_rejections.inc(1, {"tenant": tenant, "limit": limit})
+
+    def tool_call(self, tenant: str, tool, result, seconds: float) -> None:
+        """Count one server-side tool call (deployments/server_tools.py). A tool of an MCP server a
+        request named itself counts as server and tool `request`: its names are the client's, unbounded."""
+        server, name = (tool.server_label, tool.tool_name) if tool.configured else ("request", "request")
+        tags = {"tenant": tenant, "server": server, "tool": name}
+        self.tool_calls.inc(1, {**tags, "outcome": result.outcome})
+        self.tool_latency.observe(seconds, tags)
 
 
 def _replica_ingress_metrics() -> IngressMetrics | None:

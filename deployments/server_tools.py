@@ -331,9 +331,8 @@ class ServerTool:
 
     def definition(self) -> dict:
         """As a chat completion's `tools` entry."""
-        function = {"name": self.name, "parameters": self.parameters}
-        if self.description:
-            function["description"] = self.description
+        function = {"name": self.name, **({"description": self.description} if self.description else {}),
+                    "parameters": self.parameters}                  # a client's function tool's key order
         return {"type": "function", "function": function}
 
     async def call(self, arguments: str) -> ToolResult:

@@ -243,3 +243,14 @@ def test_config_errors_name_the_field():
             ({"max_tool_steps": 0}, "greater than or equal to 1")):
         with pytest.raises(ValueError, match=message):
             ClusterConfig.model_validate({"tools": raw})
+
+
+async def test_a_tenant_without_tools_of_its_own_gets_the_top_level_ones(webhooks):
+    config = ClusterConfig.model_validate({
+        "tools": {"webhooks": [webhook(webhooks, "/weather", "get_weather")]},
+        "tenants": {"acme": {"tools": {"webhooks": [webhook(webhooks, "/secured", "greet")], "max_tool_steps": 1}},
+                    "plain": {}}})
+    tools = ToolRegistry.from_config(config)
+    assert set((await tools.resolve("acme")).tools) == {"greet"}
+    assert set((await tools.resolve("plain")).tools) == {"get_weather"}
+    assert set((await tools.resolve("default")).tools) == {"get_weather"}

@@ -14,10 +14,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import uvicorn
 from mcp.server.mcpserver import Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field
 
 TOKEN = "s3cret-token-for-tests"
 SLOW_S = 5.0                  # how long the slow tools take: far beyond the tests' timeouts
@@ -59,28 +61,44 @@ class Seen:
         self.lists = 0
 
 
+class ClosedSchemas(MCPServer):
+    """MCPServer publishing closed argument schemas (additionalProperties: false). A random-weight
+    model decoding under a schema that admits any other property never ends its call; a real model
+    closes the object itself."""
+
+    async def list_tools(self):
+        tools = await super().list_tools()
+        for tool in tools:
+            tool.input_schema = {**tool.input_schema, "additionalProperties": False}
+        return tools
+
+
+Short = Annotated[str, Field(max_length=12)]
+Small = Annotated[int, Field(ge=0, le=99)]
+
+
 def mcp_app(seen: Seen):
     """An MCP server (the SDK's MCPServer) with tools for every case, as a Starlette app."""
-    server = MCPServer("expertmesh-test-tools", log_level="WARNING")
+    server = ClosedSchemas("expertmesh-test-tools", log_level="WARNING")
 
     @server.tool(description="Echo the text back")
-    def echo(text: str) -> str:
+    def echo(text: Short) -> str:
         seen.calls.append(("echo", {"text": text}))
         return f"echo: {text}"
 
     @server.tool(description="Add two integers")
-    def add(a: int, b: int) -> str:
+    def add(a: Small, b: Small) -> str:
         seen.calls.append(("add", {"a": a, "b": b}))
         return str(a + b)
 
     @server.tool(description="Answer after a long time")
-    async def slow(note: str = "") -> str:
+    async def slow(note: Short = "") -> str:
         seen.calls.append(("slow", {"note": note}))
         await asyncio.sleep(SLOW_S)
         return "late"
 
     @server.tool(description="Always fails")
-    def fail(reason: str = "broken") -> str:
+    def fail(reason: Short = "broken") -> str:
         seen.calls.append(("fail", {"reason": reason}))
         raise ToolError(f"the tool failed on purpose: {reason}")     # the SDK passes a ToolError's text on
 
