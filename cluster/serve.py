@@ -62,6 +62,9 @@ def run(config_path: Path | None, *, block: bool = True) -> int:
     print(f"expertmesh: deploying {config.model.served_id!r} ({config.experts.groups} expert group(s), "
           f"{config.experts.transport} transport) as Serve app {config.name!r}", file=sys.stderr)
     serve.run(build_app(config), name=config.name, route_prefix=config.http.route_prefix)
+    if not config.tenants and not os.environ.get("EXPERTMESH_API_KEYS_DIR"):
+        print("expertmesh: WARNING: no tenants are configured: the API is open, every request is served "
+              "without an API key (see `tenants` in cluster/config.py)", file=sys.stderr)
     links = urls(config, http_address(config))
     print(f"expertmesh: serving {config.model.served_id} — OpenAI API at {links['openai']}")
     print(f"  health {links['health']}   ready {links['ready']}")

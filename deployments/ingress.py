@@ -33,7 +33,7 @@ from deployments.chat import ChatFormat
 from deployments.metrics import HTTPMetrics, IngressMetrics
 from deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from deployments.router import RouterBusyError
-from deployments.tenants import ANONYMOUS, Tenant, tenant_of
+from deployments.tenants import ANONYMOUS, Limiter, Tenant, TenantAuth, TenantRegistry, tenant_of
 from models.chat_output import Event
 from models.registry import load_config
 from models.tokenizer import Tokenizer
@@ -53,6 +53,15 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     return await _api_error(request, APIError(400, str(error)))
+
+
+def _replica_tenants() -> TenantRegistry:
+    """The tenants of the replica serving the request (Serve froze a copy of `app`, so ask the replica)."""
+    return serve.get_replica_context().servable_object.tenants
+
+
+# Authorization: Bearer KEY -> request.state.tenant, or 401; /health and /ready stay open.
+app.add_middleware(TenantAuth, registry=_replica_tenants)
 
 
 def as_api_error(error: BaseException) -> APIError:
@@ -193,6 +202,9 @@ class Ingress:
         self.created = int(time.time())
         self._router_info: dict | None = None
         self.metrics = IngressMetrics(self.model_id)       # HTTPMetrics finds it here
+        self.tenants = TenantRegistry.from_config(config)   # API keys -> tenants; warns when open
+        self.limits = Limiter(config.name, self.tenants.tenants.values(),   # shared by all replicas
+                              on_rejection=self.metrics.rate_limited)
 
     def _generation_defaults(self) -> dict:
         """Sampling defaults the checkpoint recommends (generation_config.json), as vLLM applies them."""
@@ -278,8 +290,8 @@ class Ingress:
         info = await self.router_info()
         requested = body.max_completion_tokens or body.max_tokens
         # Templates, tokenization and grammar compilation are CPU work: off the event loop.
-        rendered = await asyncio.to_thread(self.chat.render_to_fit, body, info["max_model_len"], requested)
-        max_tokens = self._max_tokens(len(rendered.token_ids), requested, info["max_model_len"], "messages")
+        rendered = await asyncio.to_thread(self.chat.render_to_fit, body, self.context_tokens(tenant, info), requested)
+        max_tokens = self._budget(tenant, info, len(rendered.token_ids), requested, "messages")
         grammar = await asyncio.to_thread(self.chat.grammar, body, rendered.text)
         params = self._sampling_params(body, max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                        grammar=grammar, skip_special_tokens=body.skip_special_tokens
@@ -360,7 +372,7 @@ class Ingress:
         prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-        max_tokens = min(self._max_tokens(len(p), body.max_tokens or 16, info["max_model_len"], "prompt")
+        max_tokens = min(self._budget(tenant_of(request), info, len(p), body.max_tokens or 16, "prompt")
                          for p in prompts)
         params = self._sampling_params(body, max_tokens, logprobs=body.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -420,12 +432,30 @@ class Ingress:
 
     # -- shared steps --
 
-    def _max_tokens(self, prompt_tokens: int, requested: int | None, max_model_len: int, param: str) -> int:
+    def context_tokens(self, tenant: Tenant, info: dict) -> int:
+        """The context a request of `tenant` gets: the model's, or the tenant's max_context_tokens when smaller."""
+        limit = tenant.limits.max_context_tokens
+        return info["max_model_len"] if limit is None else min(limit, info["max_model_len"])
+
+    def _budget(self, tenant: Tenant, info: dict, prompt_tokens: int, requested: int | None, param: str) -> int:
+        """`_max_tokens` within the tenant's context; a refusal by its max_context_tokens is counted."""
+        context = self.context_tokens(tenant, info)
+        if context == info["max_model_len"]:
+            return self._max_tokens(prompt_tokens, requested, context, param)
+        try:
+            return self._max_tokens(prompt_tokens, requested, context, param,
+                                    whose=f"Tenant {tenant.name!r}'s maximum context length (max_context_tokens)")
+        except APIError:
+            self.limits.rejected(tenant, "max_context_tokens")
+            raise
+
+    def _max_tokens(self, prompt_tokens: int, requested: int | None, max_model_len: int, param: str, *,
+                    whose: str = "This model's maximum context length") -> int:
         """The completion budget; a prompt that leaves no room is a 400 with both token counts."""
         completion = requested if requested is not None else max_model_len - prompt_tokens
         if prompt_tokens + max(completion, 1) > max_model_len:
             what = "messages" if param == "messages" else "prompt"
-            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+            raise APIError(400, f"{whose} is {max_model_len} tokens. However, you "
                                 f"requested {prompt_tokens + max(completion, 0)} tokens ({prompt_tokens} in the "
                                 f"{what}, {max(completion, 0)} in the completion). Please reduce the length of the "
                                 f"{what} or completion" + (", or set truncation: \"auto\" to drop the oldest turns."
@@ -458,7 +488,9 @@ class Ingress:
     async def _start(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
                      tenant: Tenant = ANONYMOUS, session: str | None = None) -> list:
         """Send one router request per choice and wait for each one's first output, so that a full
-        queue, a bad request or an unready router is an HTTP status. Returns (first, rest) pairs."""
+        queue, a bad request or an unready router is an HTTP status. Returns (first, rest) pairs.
+        The tenant's shared limits admit it first (429 over one); its streams hold the lease."""
+        lease = await self.limits.admit(tenant, sum(len(p) + params.max_tokens for p in prompts))
         streams = []
         try:
             for i, prompt in enumerate(prompts):
@@ -467,7 +499,7 @@ class Ingress:
                     dataclasses.replace(params, seed=params.seed + i)
                 stream = self.router.options(stream=True).generate.remote(prompt, choice_params, f"{request_id}-{i}",
                                                                         tenant.name, session=session)
-                streams.append((stream, None))
+                streams.append((lease.wrap(stream) if lease else stream, None))
             started = []
             for stream, _ in streams:
                 started.append((stream, await stream.__anext__()))
@@ -475,6 +507,8 @@ class Ingress:
         except BaseException as error:
             for stream, _ in streams:
                 stream.cancel()
+            if lease:
+                lease.release()
             if isinstance(error, (asyncio.CancelledError, StopAsyncIteration)):
                 raise
             raise as_api_error(error) from None

@@ -39,7 +39,7 @@ import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from cluster.config import KEY_HASH, TENANT_NAME, ClusterConfig, TenantLimits
 from deployments.protocol import APIError
@@ -346,17 +346,25 @@ class LimitCounters:
 SHARED_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_streams")
 
 
+def _shared_limits(tenant: Tenant) -> dict[str, int]:
+    """The limits of `tenant` that need the shared counters (max_context_tokens needs none)."""
+    return {name: value for name in SHARED_LIMITS if (value := getattr(tenant.limits, name)) is not None}
+
+
 class Limiter:
     """One ingress replica's side of the shared limits: `admit` (one actor call) gives a `Lease`
     the request's router streams hold; a task renews the leases this replica holds. Tenants
     without a shared limit never reach the actor."""
 
-    def __init__(self, app_name: str, on_rejection: Callable[[str, str], None] = lambda tenant, limit: None):
+    def __init__(self, app_name: str, tenants: Iterable[Tenant] = (),
+                 on_rejection: Callable[[str, str], None] = lambda tenant, limit: None):
         self.actor_name = f"expertmesh-limits-{app_name}"
         self.on_rejection = on_rejection
         self._actor = None
         self._leases: dict[str, Lease] = {}
         self._renewing: asyncio.Task | None = None
+        if any(_shared_limits(t) for t in tenants):
+            self.actor()            # now, while the replica starts, not in its first request
 
     def actor(self):
         """The application's LimitCounters actor, created by the first replica that needs it."""
@@ -371,8 +379,8 @@ class Limiter:
     async def admit(self, tenant: Tenant, tokens: int) -> "Lease | None":
         """Admit a request of `tenant` that may use `tokens` (its prompts plus max_tokens per choice);
         APIError 429 with Retry-After when a limit refuses it. None when the tenant has no shared limit."""
-        limits = {name: getattr(tenant.limits, name) for name in SHARED_LIMITS}
-        if all(value is None for value in limits.values()):
+        limits = _shared_limits(tenant)
+        if not limits:
             return None
         answer = await self.actor().admit.remote(tenant.name, limits, tokens)
         if "limit" in answer:
