@@ -30,9 +30,13 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
 from deployments.chat import ChatFormat
+from deployments.grpc_api import GrpcServicer
 from deployments.metrics import HTTPMetrics, IngressMetrics
 from deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from deployments.responses import Responses, ResponsesRequest
 from deployments.router import RouterBusyError
+from deployments.server_tools import RequestMcpServer, ToolRegistry, ToolSet
+from deployments.store import open_store
 from deployments.tenants import ANONYMOUS, Limiter, Tenant, TenantAuth, TenantRegistry, tenant_of
 from models.chat_output import Event
 from models.registry import load_config
@@ -145,6 +149,17 @@ class ChatRun:
     tenant: Tenant
 
 
+@dataclass
+class CompletionRun:
+    """A started completion request, like ChatRun: one token prompt and one choice per prompt and `n`."""
+    request_id: str
+    choices: list[_Choice]
+    streams: list
+    prompts: list[list[int]]                               # the prompt of each choice
+    prompt_tokens: int                                     # usage: the distinct prompts' tokens
+    tenant: Tenant
+
+
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
     """Interleave several async iterators as items arrive: (index, item)."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -187,7 +202,7 @@ app.add_middleware(HTTPMetrics)
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
-class Ingress:
+class Ingress(GrpcServicer):      # + the gRPC API's methods (Generate, Chat, ...): deployments/grpc_api.py
     def __init__(self, router: DeploymentHandle, config: ClusterConfig):
         from models.smollm2_moe import resolve_model
 
@@ -201,10 +216,13 @@ class Ingress:
         self.defaults = self._generation_defaults()
         self.created = int(time.time())
         self._router_info: dict | None = None
+        self.responses = Responses(self, open_store(config.sessions), config.sessions)
         self.metrics = IngressMetrics(self.model_id)       # HTTPMetrics finds it here
         self.tenants = TenantRegistry.from_config(config)   # API keys -> tenants; warns when open
         self.limits = Limiter(config.name, self.tenants.tenants.values(),   # shared by all replicas
                               on_rejection=self.metrics.rate_limited)
+        # MCP servers and webhooks per tenant: deployments/server_tools.py, the loop in tool_loop.py
+        self.server_tools = ToolRegistry.from_config(config, on_call=self.metrics.tool_call)
 
     def _generation_defaults(self) -> dict:
         """Sampling defaults the checkpoint recommends (generation_config.json), as vLLM applies them."""
@@ -271,11 +289,27 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
-        run = await self.start_chat(body, tenant_of(request))
+        tenant = tenant_of(request)
+        tools = await self.resolve_tools(body, tenant)
+        if tools.tools:                  # the model may call tools the service runs: deployments/tool_loop.py
+            from deployments.tool_loop import chat_completion
+
+            return await chat_completion(self, body, tenant, tools)
+        run = await self.start_chat(body, tenant)
         if body.stream:
             return StreamingResponse(self._chat_chunks(body, run.request_id, run.choices, run.streams),
                                      media_type="text/event-stream")
         return await self._chat_response(body, run.request_id, run.choices, run.streams)
+
+    async def resolve_tools(self, body: ChatCompletionRequest, tenant: Tenant,
+                            request_servers: list[RequestMcpServer] = ()) -> ToolSet:
+        """The server-side tools a chat request of `tenant` may use: its MCP servers' tools (listed,
+        cached) and webhooks, and the MCP servers the request names (a 400 unless allowed); none
+        when tool_choice is none. A function of the request's own named like one of them is a 400."""
+        if body.tool_choice == "none" and not request_servers:
+            return ToolSet()
+        return await self.server_tools.resolve(tenant.name, request_servers,
+                                               reserved_names={t.function.name for t in body.tools or []})
 
     async def start_chat(self, body: ChatCompletionRequest, tenant: Tenant = ANONYMOUS,
                          request_id: str | None = None, session: str | None = None) -> ChatRun:
@@ -362,27 +396,37 @@ class Ingress:
             yield _sse(as_api_error(error).body())
         yield _sse("[DONE]")
 
+    # -- the Responses API (deployments/responses.py: conversations, the session store) --
+
+    @app.post("/v1/responses")
+    async def create_response(self, request: Request):
+        body: ResponsesRequest = await self._body(request, ResponsesRequest)
+        result = await self.responses.create(body, tenant_of(request))
+        if isinstance(result, dict):
+            return result
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(self, response_id: str, request: Request) -> dict:
+        return await self.responses.retrieve(response_id, tenant_of(request), dict(request.query_params))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, response_id: str, request: Request) -> dict:
+        return await self.responses.delete(response_id, tenant_of(request))
+
     # -- completions --
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         body: CompletionRequest = await self._body(request, CompletionRequest)
-        self._check_model(body.model)
-        info = await self.router_info()
-        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-        max_tokens = min(self._budget(tenant_of(request), info, len(p), body.max_tokens or 16, "prompt")
-                         for p in prompts)
-        params = self._sampling_params(body, max_tokens, logprobs=body.logprobs)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        token_prompts = [p for p in prompts for _ in range(body.n)]
-        choices = [_Choice(i) for i in range(len(token_prompts))]
-        streams = await self._start(token_prompts, params, request_id, tenant_of(request), body.prompt_cache_key)
-        echo = [self.tokenizer.decode(p) if body.echo else "" for p in token_prompts]
+        run = await self.start_completion(body, tenant_of(request))
+        request_id, choices, streams = run.request_id, run.choices, run.streams
+        echo = [self.tokenizer.decode(p) if body.echo else "" for p in run.prompts]
         if body.stream:
             return StreamingResponse(self._completion_chunks(body, request_id, choices, streams, echo,
-                                                             sum(map(len, prompts))),
+                                                             run.prompt_tokens),
                                      media_type="text/event-stream")
         async for i, output in self._outputs(streams):
             choices[i].add(output)
@@ -390,7 +434,21 @@ class Ingress:
                 "choices": [{"index": c.index, "text": echo[c.index] + "".join(c.text),
                              "logprobs": self._completion_logprobs(c.logprobs) if body.logprobs is not None else None,
                              "finish_reason": c.finish_reason} for c in choices],
-                "usage": self._usage(choices, sum(map(len, prompts)))}
+                "usage": self._usage(choices, run.prompt_tokens)}
+
+    async def start_completion(self, body: CompletionRequest, tenant: Tenant = ANONYMOUS) -> CompletionRun:
+        """The transport-neutral core of a completion request (HTTP completions and gRPC Generate):
+        tokenize, check the context, and start one router stream per prompt and choice."""
+        self._check_model(body.model)
+        info = await self.router_info()
+        prompts = await asyncio.to_thread(self._completion_prompts, body.prompt)
+        max_tokens = min(self._budget(tenant, info, len(p), body.max_tokens or 16, "prompt") for p in prompts)
+        params = self._sampling_params(body, max_tokens, logprobs=body.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        token_prompts = [p for p in prompts for _ in range(body.n)]
+        choices = [_Choice(i) for i in range(len(token_prompts))]
+        streams = await self._start(token_prompts, params, request_id, tenant, body.prompt_cache_key)
+        return CompletionRun(request_id, choices, streams, token_prompts, sum(map(len, prompts)), tenant)
 
     async def _completion_chunks(self, body, request_id, choices, streams, echo, prompt_tokens) -> AsyncIterator[str]:
         created = int(time.time())

@@ -32,7 +32,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -40,6 +40,9 @@ from cluster.config import SessionsSection
 from deployments.protocol import APIError, ChatCompletionRequest, validation_error
 from deployments.store import SessionStore, StoreError, StoredResponse
 from deployments.tenants import Tenant
+from deployments.server_tools import ToolSet
+from deployments.tool_loop import (MAX_TOOL_STEPS, Generated, McpToolParam, ResponsesMcp, ToolLoop, listed_labels,
+                                   mcp_call_message)
 
 SUMMARY_PREFIX = "Summary of the earlier conversation:\n"
 SUMMARY_OVERHEAD_TOKENS = 16                # the prefix and message framing around a summary
@@ -52,7 +55,7 @@ UNSUPPORTED = {
     "conversation": "the Conversations API is not served; continue a conversation with previous_response_id",
     "service_tier": "this server has one service tier",
     "prompt": "stored prompt templates are not served",
-    "max_tool_calls": "only function tools exist here, and the client runs them",
+    "max_tool_calls": "server-side tool calls are bounded by the tenant's tools.max_tool_steps",
     "top_logprobs": "logprobs are not returned by the Responses API here; use /v1/chat/completions",
     "context_management": "conversations are shortened by the server's sessions.context_policy "
                           "(see truncation)",
@@ -117,7 +120,7 @@ class ResponsesRequest(_Body):
     store: bool = True
     stream: bool = False
     stream_options: ResponsesStreamOptions | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Annotated[FunctionTool | McpToolParam, Field(discriminator="type")]] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool = True
     reasoning: ReasoningConfig | None = None
@@ -157,9 +160,9 @@ class ResponsesRequest(_Body):
     def _tools(cls, tools):
         for i, tool in enumerate(tools or []):
             kind = tool.get("type") if isinstance(tool, dict) else None
-            if kind != "function":
-                raise ValueError(f"tools[{i}]: {kind!r} tools are not supported; only function tools are")
-            if "function" in tool:
+            if kind not in ("function", "mcp"):
+                raise ValueError(f"tools[{i}]: {kind!r} tools are not supported; function and mcp tools are")
+            if kind == "function" and "function" in tool:
                 raise ValueError(f"tools[{i}]: Responses function tools are flat ({{\"type\": \"function\", "
                                  "\"name\": ..., \"parameters\": ...}}), not nested under `function`")
         return tools
@@ -202,6 +205,10 @@ _ITEM_KEYS = {
     "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
     "function_call_output": {"type", "call_id", "output", "id", "status"},
     "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
+    # server-side tool calls and listings (deployments/tool_loop.py), sent back as they came
+    "mcp_call": {"type", "id", "server_label", "name", "arguments", "output", "error", "status",
+                 "approval_request_id"},
+    "mcp_list_tools": {"type", "id", "server_label", "tools", "error"},
 }
 _PART_KEYS = {"type", "text", "annotations", "logprobs"}
 
@@ -236,7 +243,8 @@ def input_items(value: str | list[dict]) -> list[dict]:
         kind = raw.get("type", "message" if "role" in raw else None)
         if kind not in _ITEM_KEYS:
             raise APIError(400, f"{where}: {kind!r} items are not supported; input items are message, "
-                                "function_call, function_call_output and reasoning", param="input")
+                                "function_call, function_call_output, reasoning, mcp_call and mcp_list_tools",
+                           param="input")
         if extra := set(raw) - _ITEM_KEYS[kind]:
             raise APIError(400, f"{where}: unknown parameters {sorted(extra)} for a {kind} item", param="input")
         if kind == "message":
@@ -257,6 +265,12 @@ def input_items(value: str | list[dict]) -> list[dict]:
                 raise APIError(400, f"{where}.call_id must name the function call it answers", param="input")
             output = _text_parts(raw.get("output"), f"{where}.output", ("input_text",))
             items.append({"type": "function_call_output", "call_id": raw["call_id"], "output": output})
+        elif kind in ("mcp_call", "mcp_list_tools"):
+            if not isinstance(raw.get("id"), str) or not isinstance(raw.get("server_label"), str):
+                raise APIError(400, f"{where}: a {kind} item needs its id and server_label", param="input")
+            if kind == "mcp_call" and not (isinstance(raw.get("name"), str) and isinstance(raw.get("arguments"), str)):
+                raise APIError(400, f"{where}: an mcp_call item needs name and arguments strings", param="input")
+            items.append({k: v for k, v in raw.items() if k != "approval_request_id"})
         else:
             if raw.get("encrypted_content"):
                 raise APIError(400, f"{where}: encrypted reasoning is not supported (this server never "
@@ -285,6 +299,7 @@ def to_messages(items: list[dict]) -> list[dict]:
     text and function calls are one assistant message; a call's output is a tool message."""
     messages: list[dict] = []
     assistant: dict | None = None
+    answers: list[dict] = []          # server-side results, after the assistant message that made the calls
 
     def open_assistant(starts_new: bool) -> dict:
         nonlocal assistant
@@ -295,7 +310,16 @@ def to_messages(items: list[dict]) -> list[dict]:
 
     for item in items:
         kind = item["type"]
-        if kind == "reasoning":
+        if answers and kind not in ("mcp_call", "function_call", "mcp_list_tools"):
+            messages.extend(answers)
+            answers, assistant = [], None
+        if kind == "mcp_list_tools":
+            continue
+        if kind == "mcp_call":
+            call, answer = mcp_call_message(item)
+            open_assistant(False).setdefault("tool_calls", []).append(call)
+            answers.append(answer)
+        elif kind == "reasoning":
             message = open_assistant(assistant is not None and bool(assistant.get("content") or
                                                                     assistant.get("tool_calls")))
             message["reasoning_content"] = (message.get("reasoning_content") or "") + _item_text(item)
@@ -312,6 +336,7 @@ def to_messages(items: list[dict]) -> list[dict]:
         else:
             assistant = None
             messages.append({"role": item["role"], "content": _item_text(item)})
+    messages.extend(answers)
     for message in messages:
         if message["role"] == "assistant" and message["content"] is None and not message.get("tool_calls"):
             message["content"] = ""                      # reasoning only: templates want some content
@@ -328,6 +353,9 @@ def transcript(items: list[dict]) -> str:
             lines.append(f"Assistant called {item['name']}({item['arguments']})")
         elif item["type"] == "function_call_output":
             lines.append(f"Result of that call: {item['output']}")
+        elif item["type"] == "mcp_call":
+            lines.append(f"Assistant called {item['name']}({item['arguments']}): "
+                         f"{item['output'] if item.get('error') is None else 'error: ' + item['error']}")
     return "\n".join(lines)
 
 
@@ -434,6 +462,8 @@ class _Turn:
     input: list[dict]
     fitted: _Fitted
     head: dict = field(default_factory=dict)      # the response object's fields that do not change
+    tools: ToolSet = field(default_factory=ToolSet)   # server-side tools (deployments/tool_loop.py)
+    listed: set[str] = field(default_factory=set)     # MCP servers an earlier turn listed already
 
 
 class Responses:
@@ -470,16 +500,20 @@ class Responses:
         context = self.ingress.context_tokens(tenant, info)          # the model's, or the tenant's limit
         whose = "This model's maximum context length" if context == info["max_model_len"] else \
             f"Tenant {tenant.name!r}'s maximum context length (max_context_tokens)"
+        tools = await self._server_tools(request, tenant)
         try:
             fitted = await self._fit(request, conversation, current, (context, whose), tenant, response_id,
-                                     conversation_id)
+                                     conversation_id, server_tools=tools.definitions())
         except APIError as error:
             if error.code == "context_length_exceeded" and context < info["max_model_len"]:
                 self.ingress.limits.rejected(tenant, "max_context_tokens")     # counted as the chat path does
             raise
         turn = _Turn(request, tenant, response_id, conversation_id, int(time.time()), current, fitted)
         turn.head = self._head(turn)
-        run = await self.ingress.start_chat(fitted.body, tenant, request_id=response_id, session=conversation_id)
+        turn.tools = tools
+        turn.listed = listed_labels([item for t in conversation.turns for item in t.output] if conversation else [])
+        # The model's calls of server-side tools are run and answered in this response (tool_loop.py).
+        run = await ToolLoop(self.ingress, fitted.body, tenant, tools, response_id, session=conversation_id).start()
         events = self._events(turn, run)
         if request.stream:
             return self._sse(events)
@@ -511,13 +545,13 @@ class Responses:
             return "truncate"
         return self.config.context_policy
 
-    async def _fit(self, request, conversation, current, limit, tenant, response_id, conversation_id
-                   ) -> _Fitted:
+    async def _fit(self, request, conversation, current, limit, tenant, response_id, conversation_id, *,
+                   server_tools: list[dict] = ()) -> _Fitted:
         turns = [t.input + t.output for t in conversation.turns] if conversation else []
         ids = [t.id for t in conversation.turns] if conversation else []
         summary = conversation.summary if conversation else None
         messages = self._messages(request.instructions, summary, turns, current)
-        body = self._chat_body(request, messages)
+        body = self._chat_body(request, messages, server_tools)
         tokens = await self._count(body, messages)
         budget = limit[0] - (request.max_output_tokens or self.config.reserved_output_tokens)
         policy = self._policy(request)
@@ -595,7 +629,17 @@ class Responses:
 
     # -- the chat request --
 
-    def _chat_body(self, request: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
+    async def _server_tools(self, request: ResponsesRequest, tenant: Tenant) -> ToolSet:
+        """The tenant's server-side tools and those of the MCP servers the request names (a 400 for a
+        host the tenant does not allow); none when tool_choice is none and the request names none."""
+        servers = [t.server(f"tools[{i}]") for i, t in enumerate(request.tools or []) if t.type == "mcp"]
+        if request.tool_choice == "none" and not servers:
+            return ToolSet()
+        functions = {t.name for t in request.tools or [] if t.type == "function"}
+        return await self.ingress.server_tools.resolve(tenant.name, servers, reserved_names=functions)
+
+    def _chat_body(self, request: ResponsesRequest, messages: list[dict], server_tools: list[dict] = ()
+                   ) -> ChatCompletionRequest:
         kwargs = dict(request.chat_template_kwargs or {})
         effort = request.reasoning.effort if request.reasoning else None
         if effort == "none":
@@ -621,7 +665,7 @@ class Responses:
             "top_k": request.top_k, "min_p": request.min_p, "repetition_penalty": request.repetition_penalty,
             "min_tokens": request.min_tokens, "ignore_eos": request.ignore_eos, "user": request.user,
             "tools": [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
-                      for t in request.tools] if request.tools else None,
+                      for t in request.tools or [] if t.type == "function"] + list(server_tools) or None,
             "tool_choice": {"type": "function", "function": {"name": choice.name}}
             if isinstance(choice, FunctionChoice) else choice,
             "parallel_tool_calls": request.parallel_tool_calls, "response_format": response_format,
@@ -662,17 +706,23 @@ class Responses:
         failure is an `error` event, then response.failed. The turn is stored before the end."""
         yield "response.created", {"response": turn.head}
         yield "response.in_progress", {"response": turn.head}
-        output, choice = _Output(), run.choices[0]
+        output, choice = _Output(), run.choice               # run: a ToolLoop (deployments/tool_loop.py)
+        mcp = ResponsesMcp(output.items, close_open=lambda: output.finish(False))
+        for event in mcp.listings(turn.tools.listings, turn.listed):
+            yield event
         try:
-            async for _, generated in self.ingress._outputs(run.streams):
-                for event in output.feed(choice.add(generated), choice):
+            async for step in run.events():
+                for event in output.feed(step.events, choice) if isinstance(step, Generated) else mcp.event(step):
                     yield event
-            incomplete = choice.finish_reason == "length"
+            for event in mcp.not_run(choice.server_calls, turn.tools.max_steps):
+                yield event
+            incomplete = choice.finish_reason in ("length", MAX_TOOL_STEPS)
             for event in output.finish(incomplete):
                 yield event
+            reason = MAX_TOOL_STEPS if choice.finish_reason == MAX_TOOL_STEPS else "max_output_tokens"
             response = {**turn.head, "status": "incomplete" if incomplete else "completed",
                         "completed_at": int(time.time()),
-                        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                        "incomplete_details": {"reason": reason} if incomplete else None,
                         "output": output.items, "usage": self._usage(choice)}
             if turn.request.store:
                 await self._stored(self.store.put(StoredResponse(

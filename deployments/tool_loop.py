@@ -29,7 +29,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -377,11 +377,11 @@ class McpToolParam(BaseModel):
     The tenant's `tools.allowed_mcp_hosts` decides whether it may (ToolRegistry.check_request_servers)."""
     model_config = ConfigDict(extra="forbid")
 
-    type: str = "mcp"
+    type: Literal["mcp"] = "mcp"
     server_label: str = Field(pattern=SERVER_LABEL)
     server_url: str
     allowed_tools: list[str] | McpToolFilter | None = None
-    require_approval: Any = None
+    require_approval: Any = Field(None, validate_default=True)     # OpenAI's default is "always": refused
     headers: dict[str, str] | None = Field(None, exclude=True)     # credentials: never echoed nor stored
     server_description: str | None = None
 
