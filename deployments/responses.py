@@ -3,10 +3,13 @@
 One request, top to bottom (`Responses.create`):
 
     validate -> load the conversation `previous_response_id` continues (the caller's tenant's only)
-    -> this turn's input items -> fit the conversation into the context (sessions.context_policy:
-    error | truncate | summarize) -> one ChatCompletionRequest -> Ingress.start_chat(session=the
-    conversation id) -> output items (reasoning, message, function_call) as the text streams
-    -> store the turn (store: true) -> the response object, or the same as Responses stream events
+    -> this turn's input items -> the server-side tools (the tenant's MCP servers and webhooks,
+    the request's own `mcp` tools) -> fit the conversation into the context (sessions.context_policy:
+    error | truncate | summarize) -> one ChatCompletionRequest -> a ToolLoop over
+    Ingress.start_chat(session=the conversation id), which runs the server-side calls
+    (deployments/tool_loop.py) -> output items (mcp_list_tools, reasoning, message, function_call,
+    mcp_call) as the text streams -> store the turn (store: true) -> the response object, or the
+    same as Responses stream events
 
 A conversation is the chain of responses linked by previous_response_id; its id is the id of its
 first response, which the router deployment's request router uses to keep a conversation on the
