@@ -135,6 +135,19 @@ def test_chat_one_server_call_then_an_answer(client, seen, server_tools, prompt_
                                             + prompt_tokens(step_messages(messages, [call]), server_tools))
 
 
+def test_chat_each_of_n_choices_runs_its_own_calls(client, seen):
+    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Add"}], n=2,
+                                              tool_choice=named("add"), max_tokens=40, seed=7, extra_body=NO_THINKING)
+    assert [c.index for c in response.choices] == [0, 1]
+    sums = []
+    for choice in response.choices:
+        [call] = server_calls(choice.message)
+        arguments = json.loads(call.function.arguments)
+        assert call.output == str(arguments["a"] + arguments["b"])
+        sums.append(arguments)
+    assert sorted(map(str, (args for _, args in seen.calls))) == sorted(map(str, sums))
+
+
 def test_chat_streams_each_server_call_as_it_happens(client, seen):
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}], tool_choice=named("get_weather"),
