@@ -91,6 +91,23 @@ class SessionAffinityRouter(RequestRouter):
                 return [by_load]
         return [[home], by_load]
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Hand `replica` to the request it was chosen for: the pending request whose metadata this
+        is. Serve's own out-of-order matching looks requests up by `internal_request_id`, which the
+        calls one ingress request makes all share (the `n` choices of a chat completion): it then
+        finds none of them but the last, and the others wait for ever. Matching the metadata object
+        itself is exact; Serve's lookup remains the fallback."""
+        for pending in self._pending_requests_to_fulfill:
+            if pending.metadata is request_metadata and not pending.future.done():
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                by_id = self._pending_requests_by_id          # indexes one request per shared id
+                if by_id.get(request_metadata.internal_request_id) is pending:
+                    del by_id[request_metadata.internal_request_id]
+                return
+        super()._fulfill_next_pending_request(replica, request_metadata)
+
     async def _in_flight(self, replica: RunningReplica) -> int | None:
         """Requests in flight at the replica as far as this handle knows: Serve's queue-length
         cache (this handle's sends, the replica's answers) or, when that is stale, a probe as Serve

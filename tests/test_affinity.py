@@ -201,3 +201,14 @@ def test_completions_take_prompt_cache_key_and_reject_an_empty_one(app):
     with pytest.raises(openai.BadRequestError, match="prompt_cache_key"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                        prompt_cache_key="")
+
+
+@pytest.mark.parametrize("key", [None, "conversation-n"])
+def test_the_n_choices_of_one_request_are_all_routed(app, key):
+    """The `n` router calls of one ingress request share Serve's internal request id; each must
+    still get its replica (it used to wait for ever past the first)."""
+    client = openai.OpenAI(base_url=app[1] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    response = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=3, n=3, temperature=1.0,
+                                         seed=1, extra_body={"ignore_eos": True, "prompt_cache_key": key})
+    assert sorted(c.index for c in response.choices) == [0, 1, 2]
+    assert response.usage.completion_tokens == 9
