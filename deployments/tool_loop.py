@@ -194,8 +194,9 @@ class ToolLoop:
             if self.choice.tool_calls:            # the client's calls: it answers them, then the model goes on
                 self.choice.finish_reason = "stop"
                 return
-            if self.budget is not None and self.budget - self.choice.completion_tokens <= 0:
-                self.choice.finish_reason = "length"
+            if step.finish_reason == "length" or \
+                    self.budget is not None and self.budget - self.choice.completion_tokens <= 0:
+                self.choice.finish_reason = "length"      # no room left to answer the results in
                 return
             await self._next_step()
 
