@@ -28,7 +28,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 from cluster.config import WEBHOOK_LABEL, ClusterConfig, McpServerConfig, SecretHeaders, ToolsSection, WebhookTool
