@@ -1,8 +1,9 @@
 """`expertmesh serve [--config FILE]`: deploy the cluster's Serve app and keep it up until Ctrl-C.
 
 Connects to the Ray cluster at $RAY_ADDRESS, or starts a local one; starts Serve's HTTP proxy
-where the config says (http.host, http.port), deploys `deployments.app:build_app(config)`, prints
-the URLs, and blocks. Ctrl-C deletes the app (and shuts down the local Ray it started).
+where the config says (http.host, http.port) and its gRPC proxy with the public gRPC API (grpc),
+deploys `deployments.app:build_app(config)`, prints the URLs, and blocks. Ctrl-C deletes the app
+(and shuts down the local Ray it started).
 """
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def http_address(config: ClusterConfig) -> tuple[str, int]:
         return options["host"], int(options["port"])
     except Exception:  # an older or newer Serve without these details: trust the config
         return config.http.host, config.http.port
+
+
+def grpc_address() -> tuple[str, int] | None:
+    """Where the running Serve instance's gRPC proxy listens (it binds every interface), or None
+    when it runs none: like the HTTP options, those of the Serve instance already running win."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        options = _get_global_client().get_serve_details().get("grpc_options") or {}
+    except Exception:  # an older or newer Serve without these details
+        return None
+    if not options.get("grpc_servicer_functions"):
+        return None
+    return "0.0.0.0", int(options["port"])
 
 
 def metrics_urls() -> list[str]:
@@ -58,7 +73,8 @@ def run(config_path: Path | None, *, block: bool = True) -> int:
     started_ray = not ray.is_initialized() and not address
     if not ray.is_initialized():
         ray.init(address=address or None, configure_logging=False)
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(http_options={"host": config.http.host, "port": config.http.port},
+                grpc_options=config.grpc.serve_options())
     print(f"expertmesh: deploying {config.model.served_id!r} ({config.experts.groups} expert group(s), "
           f"{config.experts.transport} transport) as Serve app {config.name!r}", file=sys.stderr)
     serve.run(build_app(config), name=config.name, route_prefix=config.http.route_prefix)
@@ -68,6 +84,10 @@ def run(config_path: Path | None, *, block: bool = True) -> int:
     links = urls(config, http_address(config))
     print(f"expertmesh: serving {config.model.served_id} — OpenAI API at {links['openai']}")
     print(f"  health {links['health']}   ready {links['ready']}")
+    grpc = grpc_address()
+    if grpc:
+        print(f"  gRPC 127.0.0.1:{grpc[1]} (expertmesh.v1.Inference on every interface, docs/grpc.md; "
+              f"metadata application: {config.name})")
     scrape = metrics_urls()
     if scrape:
         more = f" (and {len(scrape) - 1} more Ray nodes, each its own)" if len(scrape) > 1 else ""

@@ -22,9 +22,16 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
+    def __reduce__(self):   # crosses Ray processes (a gRPC call's error goes replica -> proxy) intact
+        return _api_error, (self.status, self.message, self.param, self.code, self.headers)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
+
+
+def _api_error(status, message, param, code, headers) -> APIError:
+    return APIError(status, message, param=param, code=code, headers=headers)
 
 
 def validation_error(error: ValidationError) -> APIError:

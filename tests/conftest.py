@@ -61,16 +61,33 @@ def metrics_url(ray_cluster) -> str:
 @pytest.fixture(scope="session")
 def serve_url(ray_cluster) -> str:
     """Ray Serve's HTTP proxy on a free port of 127.0.0.1 for the whole session: its base URL.
-    Serving tests deploy their app under their own route prefix below it."""
+    Serving tests deploy their app under their own route prefix below it. Serve's gRPC proxy
+    (the expertmesh.v1.Inference API, with reflection) starts with it: see `grpc_address`."""
     import socket
 
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from deployments.grpc_api import SERVICER_FUNCTION
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": free_port(), "grpc_servicer_functions": [SERVICER_FUNCTION],
+                              "enable_reflection": True})
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def grpc_address(serve_url) -> str:
+    """host:port of the session's Serve gRPC proxy; calls name their app in `application` metadata."""
+    from cluster.serve import grpc_address
+
+    host, port = grpc_address()
+    return f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,16 @@ def test_serve_command_deploys_prints_urls_and_stops_on_ctrl_c(serve_url, tmp_pa
                           if s.startswith("ray_expertmesh_http_requests_total{") and 'model="tiny-cli"' in s]
             time.sleep(0.5)
         assert served                                                        # the /models call above
+        # The gRPC API on the running Serve instance's gRPC proxy, as printed.
+        import grpc
+
+        from protos import expertmesh_pb2 as pb, expertmesh_pb2_grpc as pb_grpc
+
+        target = next(p.split()[1] for p in printed if p.strip().startswith("gRPC "))
+        with grpc.insecure_channel(target) as channel:
+            health = pb_grpc.InferenceStub(channel).Health(pb.HealthRequest(), metadata=[("application", "cli")],
+                                                          timeout=60)
+        assert health.status == pb.HealthResponse.SERVING and health.model == "tiny-cli"
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
