@@ -10,6 +10,9 @@ through `Ingress.start_completion` / `Ingress.start_chat`. So a field means the 
     metadata authorization -> tenant -> proto -> body -> start_* -> router streams
     -> one reply message per output (chat: per parsed delta) -> finish_reason -> usage
 
+A Chat of a tenant with server-side tools runs the tool loop (deployments/tool_loop.py) as chat
+completions do, and reports each of those calls in `server_tool_call`.
+
 Errors are the HTTP API's `APIError`s, mapped to status codes (`STATUS`); the replica sets the code
 on Serve's `grpc_context` and raises, and Serve's proxy answers with that code and the message as
 details. A client that cancels its stream cancels the replica's generator, which cancels the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from typing import Any, AsyncIterator
 
 import grpc
@@ -178,6 +182,78 @@ def _logprobs(results) -> list[pb.TokenLogprob]:
             for r in results or []]
 
 
+def _tool_call(call: dict) -> pb.ToolCall:
+    return pb.ToolCall(id=call["id"], name=call["function"]["name"], arguments=call["function"]["arguments"])
+
+
+def _server_tool_call(call) -> pb.ServerToolCall:
+    entry = call.as_chat()
+    return pb.ServerToolCall(id=entry["id"], name=entry["function"]["name"], arguments=entry["function"]["arguments"],
+                             server_label=entry["server_label"] or "", status=entry["status"],
+                             output=entry["output"], error=entry["error"])
+
+
+def _text(request_id: str, index: int, event) -> pb.ChatResponse | None:
+    if not event.text:
+        return None
+    field = "reasoning" if event.kind == "reasoning" else "content"
+    return pb.ChatResponse(id=request_id, index=index, **{field: event.text})
+
+
+async def _chat_replies(run, outputs) -> AsyncIterator[pb.ChatResponse]:
+    """A started chat (`Ingress.start_chat`) as reply messages: per parsed delta, then each choice's
+    finish_reason, then usage. `outputs` is `Ingress._outputs`."""
+    async for i, output in outputs(run.streams):
+        choice = run.choices[i]
+        calls_before = len(choice.tool_calls)
+        for event in choice.add(output):
+            if event.kind != "tool_call":
+                if reply := _text(run.request_id, i, event):
+                    yield reply
+            elif len(choice.tool_calls) > calls_before:        # not dropped (parallel_tool_calls false)
+                yield pb.ChatResponse(id=run.request_id, index=i, tool_call=_tool_call(choice.tool_calls[calls_before]))
+                calls_before += 1
+        if output.finished:
+            yield pb.ChatResponse(id=run.request_id, index=i, finish_reason=choice.chat_finish_reason)
+    yield pb.ChatResponse(id=run.request_id, usage=_usage(run.choices, run.choices[0].prompt_tokens))
+
+
+async def _tool_loop_replies(ingress, body: ChatCompletionRequest, tenant: Tenant, tools) -> AsyncIterator[pb.ChatResponse]:
+    """A chat whose model may call tools the service runs (deployments/tool_loop.py), as the HTTP
+    API streams it: the client's calls and text pass through, each server-side call is reported
+    when made and when it has run; the usage counts every step."""
+    from deployments.ingress import _merge
+    from deployments.tool_loop import Generated, _usage as loop_usage, start_loops
+
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    loops = await start_loops(ingress, body, tenant, tools, request_id)
+    client_calls = [0] * len(loops)
+    try:
+        async for i, event in _merge([loop.events() for loop in loops]):
+            if not isinstance(event, Generated):                  # CallStarted, CallDone
+                yield pb.ChatResponse(id=request_id, index=i, server_tool_call=_server_tool_call(event.call))
+                continue
+            for parsed in event.events:
+                if parsed.kind == "tool_call":
+                    call = loops[i].choice.tool_calls[client_calls[i]]
+                    client_calls[i] += 1
+                    yield pb.ChatResponse(id=request_id, index=i, tool_call=_tool_call(call))
+                elif reply := _text(request_id, i, parsed):
+                    yield reply
+        for loop in loops:
+            for call in loop.choice.server_calls:
+                if not call.run:                                  # the step limit stopped it: never ran
+                    yield pb.ChatResponse(id=request_id, index=loop.index, server_tool_call=_server_tool_call(call))
+            yield pb.ChatResponse(id=request_id, index=loop.index, finish_reason=loop.choice.chat_finish_reason)
+        usage = loop_usage(loops)
+        yield pb.ChatResponse(id=request_id, usage=pb.Usage(
+            prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"],
+            total_tokens=usage["total_tokens"], cached_tokens=usage["prompt_tokens_details"]["cached_tokens"]))
+    finally:
+        for loop in loops:
+            loop.close()
+
+
 # -- the methods, on the ingress deployment ---------------------------------------------------------
 
 class GrpcServicer:
@@ -200,25 +276,12 @@ class GrpcServicer:
     async def Chat(self, request: pb.ChatRequest, grpc_context) -> AsyncIterator[pb.ChatResponse]:
         try:
             tenant = self._grpc_tenant(grpc_context)
-            run = await self.start_chat(chat_body(request), tenant)
-            async for i, output in self._outputs(run.streams):
-                choice = run.choices[i]
-                calls_before = len(choice.tool_calls)
-                for event in choice.add(output):
-                    if event.kind == "tool_call":
-                        if len(choice.tool_calls) > calls_before:   # not dropped (parallel_tool_calls false)
-                            call = choice.tool_calls[calls_before]
-                            calls_before += 1
-                            yield pb.ChatResponse(id=run.request_id, index=i, tool_call=pb.ToolCall(
-                                id=call["id"], name=call["function"]["name"],
-                                arguments=call["function"]["arguments"]))
-                    elif event.text:
-                        field = "reasoning" if event.kind == "reasoning" else "content"
-                        yield pb.ChatResponse(id=run.request_id, index=i, **{field: event.text})
-                if output.finished:
-                    yield pb.ChatResponse(id=run.request_id, index=i, finish_reason=choice.chat_finish_reason)
-            prompt_tokens = run.choices[0].prompt_tokens if run.choices else 0
-            yield pb.ChatResponse(id=run.request_id, usage=_usage(run.choices, prompt_tokens))
+            body = chat_body(request)
+            tools = await self.resolve_tools(body, tenant)
+            replies = _tool_loop_replies(self, body, tenant, tools) if tools.tools else \
+                _chat_replies(await self.start_chat(body, tenant), self._outputs)
+            async for reply in replies:
+                yield reply
         except Exception as error:
             raise self._grpc_error(grpc_context, error) from None
 

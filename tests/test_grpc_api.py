@@ -20,11 +20,13 @@ from protos import expertmesh_pb2 as pb
 from protos import expertmesh_pb2_grpc as pb_grpc
 from tests import chat_checkpoints
 from tests.serving import deployed, router_stats, tiny_config
+from tests.tool_servers import WEATHER_PARAMETERS, Seen, serving, webhook_app
 
 NAME = "grpcapi"
 MODEL = f"tiny-{NAME}"
 KEY = "em-grpc-test-key-0123456789"
 ONE_STREAM_KEY = "em-grpc-one-stream-key-9876543210"     # a tenant with max_concurrent_streams 1
+TOOLS_KEY = "em-grpc-tools-key-5555555555"                # a tenant with a server-side tool (a webhook)
 METADATA = (("application", NAME), ("authorization", f"Bearer {KEY}"))
 NO_THINKING = dict(enable_thinking=False)
 WEATHER = pb.Tool(name="get_weather", description="Weather of a city", parameters=json.dumps({
@@ -37,14 +39,28 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def app(serve_url, tmp_path_factory):
+def seen():
+    return Seen()
+
+
+@pytest.fixture(scope="module")
+def webhook_url(seen):
+    with serving(webhook_app(seen), "webhook") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def app(serve_url, tmp_path_factory, webhook_url):
     # Two sequences and no queue: a third concurrent request is refused (RESOURCE_EXHAUSTED).
     # Tenants: every call but Health needs a key.
     config = tiny_config(NAME, chat_checkpoints.qwen3_moe(tmp_path_factory.mktemp("qwen3")),
                          engine={"max_num_seqs": 2, "max_queued_requests": 0},
                          tenants={"team-a": {"api_keys": [hash_key(KEY)]},
                                   "team-b": {"api_keys": [hash_key(ONE_STREAM_KEY)],
-                                             "limits": {"max_concurrent_streams": 1}}})
+                                             "limits": {"max_concurrent_streams": 1}},
+                                  "team-tools": {"api_keys": [hash_key(TOOLS_KEY)], "tools": {"webhooks": [{
+                                      "name": "lookup_weather", "description": "Weather of a city",
+                                      "url": webhook_url + "/weather", "parameters": WEATHER_PARAMETERS}]}}})
     with deployed(config, serve_url) as url:
         yield config, url
 
@@ -160,6 +176,35 @@ def test_chat_reasoning_streams_apart_from_content(stub):
     hidden = chat(stub, "A person", response_format=fmt, thinking_token_budget=6, include_reasoning=False,
                   sampling=pb.SamplingParams(max_tokens=100, seed=3))
     assert not any(r.reasoning for r in hidden)
+
+
+def test_chat_runs_server_side_tools_as_the_http_api_does(stub, app, seen):
+    metadata = METADATA[:1] + (("authorization", f"Bearer {TOOLS_KEY}"),)
+    question = "Weather in Paris?"
+    replies = list(stub.Chat(pb.ChatRequest(
+        model=MODEL, messages=[pb.ChatMessage(role="user", content=question)],
+        tool_choice=pb.ToolChoice(function="lookup_weather"), sampling=greedy(max_tokens=60), enable_thinking=False),
+        metadata=metadata, timeout=TIMEOUT))
+    started, done = [r.server_tool_call for r in replies if r.HasField("server_tool_call")]
+    assert (started.status, done.status) == ("in_progress", "completed") and started.id == done.id
+    assert started.name == "lookup_weather" and not started.HasField("output")
+    arguments = json.loads(started.arguments)
+    jsonschema.validate(arguments, WEATHER_PARAMETERS)
+    assert seen.calls == [("/weather", arguments)]                        # the webhook ran it, once
+    assert json.loads(done.output) == {"city": arguments["city"], "temperature_c": 21}
+    assert not any(r.HasField("tool_call") for r in replies)              # not a call for the client
+    # The same request over HTTP: the same call, the same answer, the same two steps' tokens.
+    http = openai.OpenAI(base_url=app[1] + "/v1", api_key=TOOLS_KEY, max_retries=0, timeout=TIMEOUT)
+    reference = http.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "lookup_weather"}},
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    [call] = reference.choices[0].message.model_extra["server_tool_calls"]
+    assert call["function"]["arguments"] == started.arguments and call["output"] == done.output
+    assert "".join(r.content for r in replies) == (reference.choices[0].message.content or "")
+    assert [r.finish_reason for r in replies if r.finish_reason] == [reference.choices[0].finish_reason]
+    assert replies[-1].usage.prompt_tokens == reference.usage.prompt_tokens
+    assert replies[-1].usage.completion_tokens == reference.usage.completion_tokens
 
 
 # -- ListModels, Health, reflection ----------------------------------------------------------------
