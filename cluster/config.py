@@ -1,7 +1,7 @@
 """The one typed config of an expertmesh cluster.
 
 A YAML file (`expertmesh serve --config FILE`), the `args` of a Serve config
-(`import_path: deployments.app:build_app`) and, later, the Helm values all map
+(`import_path: deployments.app:build_app`) and the Helm chart's values all map
 onto `ClusterConfig`. Every field has a description; unknown fields are errors.
 
     model:       which checkpoint, the id clients ask for, device, dtype, context length

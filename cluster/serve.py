@@ -81,6 +81,9 @@ def run(config_path: Path | None, *, block: bool = True) -> int:
     if not config.tenants and not os.environ.get("EXPERTMESH_API_KEYS_DIR"):
         print("expertmesh: WARNING: no tenants are configured: the API is open, every request is served "
               "without an API key (see `tenants` in cluster/config.py)", file=sys.stderr)
+        if config.grpc.enabled:
+            print(f"expertmesh: WARNING: the open gRPC API listens on every network interface (port "
+                  f"{config.grpc.port}): Serve's gRPC proxy cannot bind one address", file=sys.stderr)
     links = urls(config, http_address(config))
     print(f"expertmesh: serving {config.model.served_id} — OpenAI API at {links['openai']}")
     print(f"  health {links['health']}   ready {links['ready']}")

@@ -15,6 +15,7 @@ def test_make_run_default_is_smollm2_with_two_collective_expert_groups():
     assert config.model.source == "smollm2-moe" and config.model.served_id == "smollm2-moe"
     assert (config.experts.groups, config.experts.transport) == (2, "collective")
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8000)
+    assert not config.tenants and not config.grpc.enabled       # an open API stays on loopback HTTP
     engine = config.engine_config()
     assert (engine.expert_groups, engine.transport, engine.max_num_seqs) == (2, "collective", 32)
     assert engine.max_model_len == config.model.max_model_len
