@@ -120,23 +120,31 @@ def _conversation(rows: list[tuple]) -> Conversation | None:
 
 
 class SessionStore(ABC):
-    """Responses by (tenant, id). Every method is a coroutine that never blocks the event loop."""
+    """Responses by (tenant, id). Every method is a coroutine that never blocks the event loop.
+    Both stores speak the same SQL (`?` placeholders); each supplies only how a statement runs."""
 
     @abstractmethod
-    async def put(self, record: StoredResponse) -> None: ...
-
-    @abstractmethod
-    async def get(self, tenant: str, response_id: str) -> StoredResponse | None: ...
-
-    @abstractmethod
-    async def conversation(self, tenant: str, response_id: str) -> Conversation | None:
-        """The context to continue from `response_id`, or None when this tenant has no such response."""
-
-    @abstractmethod
-    async def delete(self, tenant: str, response_id: str) -> bool: ...
+    async def _query(self, sql: str, params: tuple = ()) -> tuple[list, int]:
+        """Run one statement: (rows, rowcount). Failures are StoreError."""
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def put(self, record: StoredResponse) -> None:
+        await self._query(f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 10)})", record.row())
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        rows, _ = await self._query(f"SELECT {COLUMNS} FROM {TABLE} WHERE id = ? AND tenant = ?", (response_id, tenant))
+        return StoredResponse.from_row(rows[0]) if rows else None
+
+    async def conversation(self, tenant: str, response_id: str) -> Conversation | None:
+        """The context to continue from `response_id`, or None when this tenant has no such response."""
+        rows, _ = await self._query(CHAIN, (response_id, tenant, tenant))
+        return _conversation(rows)
+
+    async def delete(self, tenant: str, response_id: str) -> bool:
+        _, count = await self._query(f"DELETE FROM {TABLE} WHERE id = ? AND tenant = ?", (response_id, tenant))
+        return count > 0
 
 
 class SQLiteStore(SessionStore):
@@ -171,21 +179,6 @@ class SQLiteStore(SessionStore):
 
     async def _query(self, sql: str, params: tuple = ()) -> tuple[list, int]:
         return await asyncio.to_thread(self._run, sql, params)
-
-    async def put(self, record: StoredResponse) -> None:
-        await self._query(f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 10)})", record.row())
-
-    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
-        rows, _ = await self._query(f"SELECT {COLUMNS} FROM {TABLE} WHERE id = ? AND tenant = ?", (response_id, tenant))
-        return StoredResponse.from_row(rows[0]) if rows else None
-
-    async def conversation(self, tenant: str, response_id: str) -> Conversation | None:
-        rows, _ = await self._query(CHAIN, (response_id, tenant, tenant))
-        return _conversation(rows)
-
-    async def delete(self, tenant: str, response_id: str) -> bool:
-        _, count = await self._query(f"DELETE FROM {TABLE} WHERE id = ? AND tenant = ?", (response_id, tenant))
-        return count > 0
 
     async def close(self) -> None:
         def close():
@@ -242,21 +235,6 @@ class PostgresStore(SessionStore):
                 return rows, cursor.rowcount
         except (psycopg.Error, OSError) as error:
             raise StoreError(f"the PostgreSQL session store failed: {error}") from None
-
-    async def put(self, record: StoredResponse) -> None:
-        await self._query(f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 10)})", record.row())
-
-    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
-        rows, _ = await self._query(f"SELECT {COLUMNS} FROM {TABLE} WHERE id = ? AND tenant = ?", (response_id, tenant))
-        return StoredResponse.from_row(rows[0]) if rows else None
-
-    async def conversation(self, tenant: str, response_id: str) -> Conversation | None:
-        rows, _ = await self._query(CHAIN, (response_id, tenant, tenant))
-        return _conversation(rows)
-
-    async def delete(self, tenant: str, response_id: str) -> bool:
-        _, count = await self._query(f"DELETE FROM {TABLE} WHERE id = ? AND tenant = ?", (response_id, tenant))
-        return count > 0
 
     async def close(self) -> None:
         if self._pool is not None:
